@@ -1,0 +1,6 @@
+"""MetaFormer backbones for OpenMMLab detection, segmentation and classification."""
+from .registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+from . import engine, models  # noqa: F401,E402  (registers the modules)
+
+__version__ = '0.1.0'
+__all__ = ['MODELS', 'OPTIM_WRAPPER_CONSTRUCTORS', '__version__']

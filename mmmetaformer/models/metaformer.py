@@ -1,0 +1,368 @@
+"""The MetaFormer backbone family for dense prediction.
+
+One block and one backbone class; the six families (PoolFormer, PoolFormerV2, IdentityFormer,
+RandFormer, ConvFormer, CAFormer) differ only in the settings of :data:`ARCHS`.
+Module names follow timm's ``metaformer.py`` (``stem``, ``stages.i.downsample``,
+``stages.i.blocks.j``); Linear weights are 2-D as in the official code.
+"""
+import copy
+from functools import partial
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from mmcv.cnn import build_norm_layer
+from mmengine.model import BaseModule
+from timm.layers import DropPath, Mlp
+from torch.utils.checkpoint import checkpoint
+
+from ..registry import MODELS
+from .layers import GroupNorm1, Scale, StarReLU
+from .mixers import MIXERS
+
+S_DIMS = (64, 128, 320, 512)
+M_DIMS = (96, 192, 384, 768)
+
+_V2_FAMILY = dict(norm='groupnorm', norm_bias=False, norm_eps=1e-6, downsample_norm=True,
+                  mlp_act='starrelu', mlp_bias=False, layer_scale_init=None,
+                  res_scale_stages=(2, 3),
+                  out_norm=dict(type='GN', num_groups=1, eps=1e-6))
+_CONV_FAMILY = dict(_V2_FAMILY, norm='layernorm', out_norm=dict(type='mmmetaformer.LN2d', eps=1e-6))
+
+#: Family-wide settings. ``out_norm`` is the default norm on each returned feature:
+#: the official PoolFormer dense variant (GroupNorm, 1 group, with bias) for PoolFormer, and
+#: the family's block norm with a bias for the others (channel LayerNorm for ConvFormer and
+#: CAFormer, GroupNorm with 1 group for PoolFormerV2, IdentityFormer and RandFormer).
+FAMILIES = {
+    'poolformer': dict(mixers=('pooling',) * 4, norm='groupnorm', norm_bias=True, norm_eps=1e-5,
+                       downsample_norm=False, mlp_act='gelu', mlp_bias=True,
+                       layer_scale_init=1e-5, res_scale_stages=(),
+                       out_norm=dict(type='GN', num_groups=1, eps=1e-5)),
+    'poolformerv2': dict(_V2_FAMILY, mixers=('pooling',) * 4),
+    'identityformer': dict(_V2_FAMILY, mixers=('identity',) * 4),
+    'randformer': dict(_V2_FAMILY, mixers=('identity', 'identity', 'random', 'random')),
+    'convformer': dict(_CONV_FAMILY, mixers=('sepconv',) * 4),
+    'caformer': dict(_CONV_FAMILY, mixers=('sepconv', 'sepconv', 'attention', 'attention')),
+}
+
+_POOL_SIZES = {
+    's12': dict(depths=(2, 2, 6, 2), dims=S_DIMS),
+    's24': dict(depths=(4, 4, 12, 4), dims=S_DIMS),
+    's36': dict(depths=(6, 6, 18, 6), dims=S_DIMS),
+    'm36': dict(depths=(6, 6, 18, 6), dims=M_DIMS),
+    'm48': dict(depths=(8, 8, 24, 8), dims=M_DIMS),
+}
+_CONV_SIZES = {
+    's18': dict(depths=(3, 3, 9, 3), dims=S_DIMS),
+    's36': dict(depths=(3, 12, 18, 3), dims=S_DIMS),
+    'm36': dict(depths=(3, 12, 18, 3), dims=(96, 192, 384, 576)),
+    'b36': dict(depths=(3, 12, 18, 3), dims=(128, 256, 512, 768)),
+}
+SIZES = {
+    # PoolFormer v1 uses layer scale 1e-5 for s12/s24 and 1e-6 for the deeper models.
+    'poolformer': {name: dict(size, layer_scale_init=1e-5 if name in ('s12', 's24') else 1e-6)
+                   for name, size in _POOL_SIZES.items()},
+    'poolformerv2': _POOL_SIZES,
+    'identityformer': _POOL_SIZES,
+    'randformer': _POOL_SIZES,
+    'convformer': _CONV_SIZES,
+    'caformer': _CONV_SIZES,
+}
+
+#: Every published model, e.g. ``ARCHS['caformer_s18']``: the full settings of the network.
+ARCHS = {f'{family}_{size}': dict(FAMILIES[family], **settings)
+         for family, sizes in SIZES.items() for size, settings in sizes.items()}
+ARCH_KEYS = tuple(ARCHS['caformer_s18'])
+
+
+def _norm_layer(kind: str, eps: float, bias: bool):
+    if kind == 'groupnorm':
+        return partial(GroupNorm1, eps=eps, bias=bias)
+    if kind == 'layernorm':
+        return partial(nn.LayerNorm, eps=eps, bias=bias)
+    raise ValueError(f"arch norm must be 'groupnorm' or 'layernorm', got {kind!r}")
+
+
+class Downsample(nn.Module):
+    """Strided conv on a channels-last tensor with an optional LayerNorm over channels,
+    before the conv (between stages) or after it (stem)."""
+
+    def __init__(self, in_chs, out_chs, kernel_size, stride, padding, norm=False,
+                 norm_first=True):
+        super().__init__()
+        self.norm_first = norm_first
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding)
+        norm_chs = in_chs if norm_first else out_chs
+        self.norm = nn.LayerNorm(norm_chs, eps=1e-6, bias=False) if norm else nn.Identity()
+
+    def forward(self, x):
+        if self.norm_first:
+            x = self.norm(x)
+        x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x if self.norm_first else self.norm(x)
+
+
+class MetaFormerBlock(nn.Module):
+    """``x = r1*x + s1*DropPath(mixer(norm1(x)))``; ``x = r2*x + s2*DropPath(mlp(norm2(x)))``."""
+
+    def __init__(self, dim, token_mixer, norm_layer, mlp_act, mlp_bias, drop_path=0.,
+                 layer_scale_init=None, res_scale_init=None):
+        super().__init__()
+
+        def scale(init):
+            return Scale(dim, init) if init is not None else nn.Identity()
+
+        self.norm1 = norm_layer(dim)
+        self.token_mixer = token_mixer
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer_scale1 = scale(layer_scale_init)
+        self.res_scale1 = scale(res_scale_init)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, 4 * dim, act_layer=mlp_act, bias=mlp_bias)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer_scale2 = scale(layer_scale_init)
+        self.res_scale2 = scale(res_scale_init)
+
+    def forward(self, x):
+        x = self.res_scale1(x) + self.layer_scale1(
+            self.drop_path1(self.token_mixer(self.norm1(x))))
+        return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+
+
+class MetaFormerStage(nn.Module):
+    """A downsampling layer followed by a sequence of blocks (activation checkpointing
+    per block when ``with_cp``)."""
+
+    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.with_cp = False
+
+    def forward(self, x):
+        x = self.downsample(x)
+        for block in self.blocks:
+            if self.with_cp and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+@MODELS.register_module()
+class MetaFormer(BaseModule):
+    """MetaFormer backbone returning NCHW features of strides 4/8/16/32.
+
+    Args:
+        arch (str | dict): a name of :data:`ARCHS` (for a family subclass: its size, e.g.
+            ``'s18'``; default its smallest), or a dict of settings (for a family subclass,
+            overrides of the family's settings, with ``depths`` and ``dims`` required).
+        in_channels (int): input channels.
+        out_indices (Sequence[int]): stages whose outputs are returned.
+        out_norm (dict | None | str): norm config applied to each returned feature;
+            ``'default'`` uses the arch's ``out_norm`` (see :data:`FAMILIES`), ``None`` returns
+            the raw stage outputs.
+        drop_path_rate (float): stochastic depth, growing linearly from 0 over all blocks.
+        frozen_stages (int): -1 freezes nothing, 0 the stem, k >= 1 the stem and the first k
+            stages (with their downsampling layers). Output norms stay trainable.
+        norm_eval (bool): keep the norm layers in eval mode during training.
+        with_cp (bool): activation checkpointing per block.
+        init_cfg (dict | list[dict], optional): initialisation; ``dict(type='Pretrained',
+            checkpoint=...)`` loads any supported checkpoint format.
+    """
+    family: Optional[str] = None
+
+    def __init__(self,
+                 arch: Union[str, dict, None] = None,
+                 in_channels: int = 3,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 out_norm: Union[dict, None, str] = 'default',
+                 drop_path_rate: float = 0.,
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg=dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.)):
+        super().__init__(init_cfg=copy.deepcopy(init_cfg))
+        self.arch_settings = self.resolve_arch(arch)
+        a = self.arch_settings
+        self.depths, self.dims = tuple(a['depths']), tuple(a['dims'])
+        self.num_stages = len(self.depths)
+        self.out_indices = self._check_out_indices(out_indices)
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], '
+                             f'got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+
+        norm_layer = _norm_layer(a['norm'], a['norm_eps'], a['norm_bias'])
+        mlp_act = {'starrelu': StarReLU, 'gelu': nn.GELU}[a['mlp_act']]
+        self.stem = Downsample(in_channels, self.dims[0], 7, 4, 2, norm=a['downsample_norm'],
+                               norm_first=False)
+        drop_rates = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        stages = []
+        for i, (depth, dim, mixer) in enumerate(zip(self.depths, self.dims, a['mixers'])):
+            downsample = (nn.Identity() if i == 0 else
+                          Downsample(self.dims[i - 1], dim, 3, 2, 1, norm=a['downsample_norm']))
+            native_tokens = (224 // (4 * 2**i))**2
+            rates = drop_rates[sum(self.depths[:i]):sum(self.depths[:i + 1])]
+            blocks = [MetaFormerBlock(
+                dim, MIXERS[mixer](dim, native_tokens), norm_layer, mlp_act, a['mlp_bias'],
+                drop_path=rate, layer_scale_init=a['layer_scale_init'],
+                res_scale_init=1.0 if i in a['res_scale_stages'] else None) for rate in rates]
+            stages.append(MetaFormerStage(downsample, blocks))
+        self.stages = nn.ModuleList(stages)
+        for stage in self.stages:
+            stage.with_cp = with_cp
+
+        out_norm = a['out_norm'] if out_norm == 'default' else out_norm
+        for i in self.out_indices:
+            norm = build_norm_layer(out_norm, self.dims[i])[1] if out_norm else nn.Identity()
+            self.add_module(f'norm{i}', norm)
+        self._freeze_stages()
+
+    @classmethod
+    def resolve_arch(cls, arch: Union[str, dict]) -> dict:
+        """The full settings for ``arch``; a clear error lists the valid choices."""
+        prefix = f'{cls.family}_' if cls.family else ''
+        names = [n[len(prefix):] for n in ARCHS if n.startswith(prefix)]
+        if arch is None and cls.family:
+            arch = names[0]
+        if isinstance(arch, str):
+            if prefix + arch not in ARCHS:
+                raise ValueError(f'{cls.__name__}: unknown arch {arch!r}; '
+                                 f'valid choices: {names}, or a dict of settings')
+            return copy.deepcopy(ARCHS[prefix + arch])
+        if not isinstance(arch, dict):
+            raise TypeError(f'{cls.__name__}: arch must be one of {names} or a dict of '
+                            f'settings, got {arch!r}')
+        unknown = set(arch) - set(ARCH_KEYS)
+        if unknown:
+            raise ValueError(f'{cls.__name__}: unknown arch keys {sorted(unknown)}; '
+                             f'valid keys: {list(ARCH_KEYS)}')
+        settings = dict(FAMILIES.get(cls.family, {}), **copy.deepcopy(arch))
+        missing = [k for k in ARCH_KEYS if k not in settings]
+        if missing:
+            raise ValueError(f'{cls.__name__}: arch dict is missing {missing} '
+                             f'(named archs: {names})')
+        lengths = {len(settings[k]) for k in ('depths', 'dims', 'mixers')}
+        if len(lengths) != 1:
+            raise ValueError(f'{cls.__name__}: arch depths, dims and mixers must have the same '
+                             f'length, got {settings["depths"]}, {settings["dims"]}, '
+                             f'{settings["mixers"]}')
+        bad = [m for m in settings['mixers'] if m not in MIXERS]
+        if bad:
+            raise ValueError(f'{cls.__name__}: unknown mixers {bad}; valid: {list(MIXERS)}')
+        return settings
+
+    def _check_out_indices(self, out_indices):
+        out_indices = tuple(i % self.num_stages if i < 0 else i for i in out_indices)
+        if not out_indices or any(not 0 <= i < self.num_stages for i in out_indices):
+            raise ValueError(f'out_indices must be non-empty indices of the {self.num_stages} '
+                             f'stages, got {out_indices}')
+        return out_indices
+
+    def init_weights(self):
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+            from ..checkpoints import load_pretrained
+            load_pretrained(self, self.init_cfg['checkpoint'], self.init_cfg.get('prefix'))
+            self._is_init = True
+        else:
+            super().init_weights()
+
+    def forward(self, x):
+        x = self.stem(x.permute(0, 2, 3, 1))
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f'norm{i}')(x.permute(0, 3, 1, 2)).contiguous())
+        return tuple(outs)
+
+    def _frozen_modules(self):
+        if self.frozen_stages >= 0:
+            yield self.stem
+        yield from self.stages[:max(self.frozen_stages, 0)]
+
+    def _freeze_stages(self):
+        for module in self._frozen_modules():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, (nn.LayerNorm, nn.GroupNorm, GroupNorm1,
+                                       nn.modules.batchnorm._BatchNorm)):
+                    module.eval()
+        return self
+
+    def get_layer_depth(self, param_name: str, prefix: str = '', num_layers=None,
+                        decay_type: str = 'layer_wise'):
+        """Layer id of a parameter for layer-wise lr decay, and the number of layer ids.
+
+        ``layer_wise``: the stem is 0, the blocks are spread evenly over ids
+        ``1 .. num_layers - 2`` (each block its own id by default, ``num_layers =
+        sum(depths) + 2``), a downsampling layer shares the id of the first block of its stage,
+        and everything else (output norms, neck, heads) gets ``num_layers - 1``.
+        ``stage_wise``: the stem is 0, stage i (with its downsampling) is ``i + 1``.
+        """
+        if decay_type == 'stage_wise':
+            num_layers = self.num_stages + 2
+        elif decay_type == 'layer_wise':
+            num_layers = num_layers or sum(self.depths) + 2
+        else:
+            raise ValueError(f"decay_type must be 'layer_wise' or 'stage_wise', got {decay_type!r}")
+        if not param_name.startswith(prefix):
+            return num_layers - 1, num_layers
+        name = param_name[len(prefix):]
+        if name.startswith('stem.'):
+            return 0, num_layers
+        if not name.startswith('stages.'):
+            return num_layers - 1, num_layers
+        parts = name.split('.')
+        stage = int(parts[1])
+        if decay_type == 'stage_wise':
+            return stage + 1, num_layers
+        block = int(parts[3]) if parts[2] == 'blocks' else 0
+        index = sum(self.depths[:stage]) + block
+        return 1 + index * (num_layers - 2) // sum(self.depths), num_layers
+
+
+@MODELS.register_module()
+class PoolFormer(MetaFormer):
+    """PoolFormer (v1), "MetaFormer Is Actually What You Need for Vision"; arch s12/s24/s36/m36/m48."""
+    family = 'poolformer'
+
+
+@MODELS.register_module()
+class PoolFormerV2(MetaFormer):
+    """PoolFormerV2, "MetaFormer Baselines for Vision"; arch s12/s24/s36/m36/m48."""
+    family = 'poolformerv2'
+
+
+@MODELS.register_module()
+class IdentityFormer(MetaFormer):
+    """IdentityFormer (identity token mixer); arch s12/s24/s36/m36/m48."""
+    family = 'identityformer'
+
+
+@MODELS.register_module()
+class RandFormer(MetaFormer):
+    """RandFormer (frozen random token mixing in stages 3-4, any input size); arch
+    s12/s24/s36/m36/m48."""
+    family = 'randformer'
+
+
+@MODELS.register_module()
+class ConvFormer(MetaFormer):
+    """ConvFormer (separable-conv mixer); arch s18/s36/m36/b36."""
+    family = 'convformer'
+
+
+@MODELS.register_module()
+class CAFormer(MetaFormer):
+    """CAFormer (separable conv in stages 1-2, attention in stages 3-4); arch s18/s36/m36/b36."""
+    family = 'caformer'

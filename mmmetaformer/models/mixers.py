@@ -1,0 +1,118 @@
+"""Token mixers of the MetaFormer family, on channels-last (B, H, W, C) tensors."""
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import StarReLU
+
+
+class Pooling(nn.Module):
+    """PoolFormer's mixer: ``avgpool3x3(x) - x`` (padding not counted in the average)."""
+
+    def __init__(self, pool_size: int = 3):
+        super().__init__()
+        self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2,
+                                 count_include_pad=False)
+
+    def forward(self, x):
+        return self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) - x
+
+
+class SepConv(nn.Module):
+    """Inverted separable conv (MobileNetV2): pw Linear, StarReLU, depthwise conv, pw Linear."""
+
+    def __init__(self, dim: int, expansion_ratio: float = 2, kernel_size: int = 7):
+        super().__init__()
+        hidden = int(expansion_ratio * dim)
+        self.pwconv1 = nn.Linear(dim, hidden, bias=False)
+        self.act1 = StarReLU()
+        self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2,
+                                groups=hidden, bias=False)
+        self.pwconv2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        x = self.act1(self.pwconv1(x))
+        x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.pwconv2(x)
+
+
+class Attention(nn.Module):
+    """Global multi-head self-attention (no position embedding) via SDPA."""
+
+    def __init__(self, dim: int, head_dim: int = 32):
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_heads = max(dim // head_dim, 1)
+        inner = self.num_heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.proj = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x):
+        B, H, W, _ = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
+
+
+def resample_mixing_matrix(matrix: torch.Tensor, size) -> torch.Tensor:
+    """Resample a token-mixing matrix from its native square grid to ``size=(H, W)``.
+
+    ``matrix[m, n]`` is read as a function of (query position m, key position n) on the native
+    grid; both position axes are resized bilinearly, then each row is renormalised to sum to 1.
+    """
+    native = math.isqrt(matrix.shape[0])
+    H, W = size
+    m = matrix.reshape(native * native, 1, native, native)
+    m = F.interpolate(m, size=size, mode='bilinear', align_corners=False)  # keys resized
+    m = m.reshape(native, native, H * W).permute(2, 0, 1).unsqueeze(1)
+    m = F.interpolate(m, size=size, mode='bilinear', align_corners=False)  # queries resized
+    m = m.reshape(H * W, H * W).t()
+    return m / m.sum(dim=-1, keepdim=True)
+
+
+class RandomMixing(nn.Module):
+    """RandFormer's mixer: tokens mixed by a frozen random row-stochastic matrix.
+
+    The matrix is defined on the native token grid of a 224x224 input; other grids use it
+    resampled by :func:`resample_mixing_matrix`, cached per grid size.
+    """
+
+    cache_size = 4
+
+    def __init__(self, num_tokens: int):
+        super().__init__()
+        self.random_matrix = nn.Parameter(
+            torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1), requires_grad=False)
+        self.native_size = math.isqrt(num_tokens)
+        self._resampled = OrderedDict()
+
+    def mixing_matrix(self, H: int, W: int) -> torch.Tensor:
+        matrix = self.random_matrix
+        if (H, W) == (self.native_size, self.native_size):
+            return matrix
+        key = (H, W, matrix.device, matrix.dtype, matrix._version)
+        if key not in self._resampled:
+            with torch.no_grad():
+                self._resampled[key] = resample_mixing_matrix(matrix, (H, W))
+            if len(self._resampled) > self.cache_size:
+                self._resampled.popitem(last=False)
+        return self._resampled[key]
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        mixed = self.mixing_matrix(H, W).to(x.dtype) @ x.reshape(B, H * W, C)
+        return mixed.reshape(B, H, W, C)
+
+
+# Token mixer builders by name: (stage width, native token count at 224x224) -> module.
+MIXERS = {
+    'identity': lambda dim, tokens: nn.Identity(),
+    'pooling': lambda dim, tokens: Pooling(),
+    'random': lambda dim, tokens: RandomMixing(tokens),
+    'sepconv': lambda dim, tokens: SepConv(dim),
+    'attention': lambda dim, tokens: Attention(dim),
+}

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Create or refresh the project virtualenv (.venv) with the pinned OpenMMLab stack.
+# Idempotent: a stamp records the inputs of the last successful run, and a second run
+# with the same inputs changes nothing.
+#
+# mmcv 2.1.0 (the newest release mmdet 3.3 / mmseg 1.2 accept) has no wheel for this torch,
+# so it is built once from its PyPI sdist, with torch installed first, and the wheel is cached
+# under $MMMETAFORMER_CACHE (default ~/.cache/mmmetaformer), keyed by mmcv, torch, Python and
+# device (cpu, or cuXY when FORCE_CUDA=1 or a GPU is visible). Its setup.py asks for -std=c++17;
+# torch 2.14 headers need C++20, so the sdist is patched to -std=c++20.
+# On a CUDA machine, FORCE_CUDA=1 builds the CUDA ops even without a visible GPU (e.g. in docker
+# build); set TORCH_CUDA_ARCH_LIST to the target GPUs to shorten the build.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+CACHE="${MMMETAFORMER_CACHE:-$HOME/.cache/mmmetaformer}"
+PYTHON="${PYTHON:-python3.11}"
+
+TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
+BUILD_PINS=("setuptools<81" wheel ninja)
+MMCV_VERSION=2.1.0
+STACK_PINS=(
+  mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0
+  timm==1.0.22 pycocotools ftfy regex pytest
+)
+
+stamp_inputs() {
+  cat "${BASH_SOURCE[0]}" "$ROOT/setup.cfg" "$ROOT/setup.py"
+  echo "FORCE_CUDA=${FORCE_CUDA:-0}"
+}
+STAMP="$VENV/.mmmetaformer-env-stamp"
+want="$(stamp_inputs | sha256sum | cut -d' ' -f1)"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+  echo "[setup_env] $VENV is up to date"
+  exit 0
+fi
+
+log() { echo "[setup_env] $*"; }
+[[ -x "$VENV/bin/python" ]] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+log "installing torch and build tools"
+"${PIP[@]}" install "${TORCH_PINS[@]}" "${BUILD_PINS[@]}"
+
+device_tag="$("$VENV/bin/python" - <<'PY'
+import os, torch
+cuda = os.getenv('FORCE_CUDA', '0') == '1' or torch.cuda.is_available()
+print('cu' + torch.version.cuda.replace('.', '') if cuda and torch.version.cuda else 'cpu')
+PY
+)"
+torch_version="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
+py_tag="$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')"
+wheel_dir="$CACHE/wheels/mmcv-$MMCV_VERSION-torch$torch_version-$py_tag-$device_tag"
+
+if ! ls "$wheel_dir"/mmcv-*.whl >/dev/null 2>&1; then
+  log "building mmcv $MMCV_VERSION ops for torch $torch_version ($device_tag); this takes ~15 min on 2 cores"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  "${PIP[@]}" download "mmcv==$MMCV_VERSION" --no-deps --no-binary :all: --no-build-isolation -d "$work"
+  tar -xzf "$work/mmcv-$MMCV_VERSION.tar.gz" -C "$work"
+  sed -i 's/-std=c++17/-std=c++20/g' "$work/mmcv-$MMCV_VERSION/setup.py"
+  if [[ "$device_tag" != cpu ]]; then export FORCE_CUDA=1; fi
+  MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    "${PIP[@]}" wheel --no-build-isolation --no-deps "$work/mmcv-$MMCV_VERSION" -w "$work/dist"
+  mkdir -p "$wheel_dir"
+  mv "$work"/dist/mmcv-*.whl "$wheel_dir/"
+fi
+
+log "installing mmcv from $wheel_dir and the OpenMMLab stack"
+"${PIP[@]}" install "$wheel_dir"/mmcv-*.whl "${STACK_PINS[@]}" "${TORCH_PINS[@]}"
+"${PIP[@]}" install --no-build-isolation --no-deps -e "$ROOT"
+"$VENV/bin/python" -c "from mmcv.ops import RoIAlign, nms, batched_nms; import mmmetaformer"
+echo "$want" > "$STAMP"
+log "ready: $VENV"
