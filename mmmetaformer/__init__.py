@@ -1,5 +1,9 @@
 """MetaFormer backbones for OpenMMLab detection, segmentation and classification."""
-from .registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+from . import compat
+
+compat.apply()
+
+from .registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS  # noqa: E402
 from . import engine, models  # noqa: F401,E402  (registers the modules)
 
 __version__ = '0.1.0'
