@@ -198,7 +198,8 @@ class MetaFormer(BaseModule):
         mlp_act = {'starrelu': StarReLU, 'gelu': nn.GELU}[a['mlp_act']]
         self.stem = Downsample(in_channels, self.dims[0], 7, 4, 2, norm=a['downsample_norm'],
                                norm_first=False)
-        drop_rates = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        total = sum(self.depths)
+        drop_rates = [drop_path_rate * k / max(total - 1, 1) for k in range(total)]
         stages = []
         for i, (depth, dim, mixer) in enumerate(zip(self.depths, self.dims, a['mixers'])):
             downsample = (nn.Identity() if i == 0 else
@@ -264,7 +265,8 @@ class MetaFormer(BaseModule):
     def init_weights(self):
         if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
             from ..checkpoints import load_pretrained
-            load_pretrained(self, self.init_cfg['checkpoint'], self.init_cfg.get('prefix'))
+            load_pretrained(self, self.init_cfg['checkpoint'], self.init_cfg.get('prefix'),
+                            use_ema=self.init_cfg.get('use_ema', False))
             self._is_init = True
         else:
             super().init_weights()

@@ -1,0 +1,77 @@
+"""Convert a MetaFormer checkpoint of any supported layout into this project's format.
+
+    python tools/convert_checkpoint.py SRC DST [--arch NAME] [--use-ema]
+
+SRC is a path, an http(s) URL or ``timm://<hub name>`` holding an official release
+(MetaFormer baselines or PoolFormer v1), a timm file, an mmpretrain PoolFormer checkpoint or
+one of this project's. DST is an mmengine checkpoint: ``state_dict`` with the ``backbone.*``
+tensors and, where SRC has one, the classifier ``head.*``, and ``meta`` with the arch and the
+source format. Name it in ``load_from`` (mmdet, mmseg, mmpretrain) or in a backbone's
+``init_cfg=dict(type='Pretrained', checkpoint=DST, prefix='backbone.')``.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from mmmetaformer import __version__
+from mmmetaformer.checkpoints import CheckpointError, check_fit, read_canonical, summarize
+from mmmetaformer.models import ARCHS, MetaFormer
+
+
+def convert(src: str, dst: str, arch: str = None, use_ema: bool = False) -> dict:
+    """Write the converted checkpoint to ``dst`` and return its ``meta``."""
+    state, info = read_canonical(src, use_ema=use_ema)
+    backbone = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
+    if arch is None:
+        known = info.meta.get('arch')
+        guesses = [known] if known in ARCHS else info.arch_guesses
+        named = [g for g in guesses if g in os.path.basename(str(src))]
+        if len(named) == 1:  # identical layouts (PoolFormerV2/IdentityFormer): the file name
+            guesses = named
+        if len(guesses) != 1:
+            found = f"could be any of {', '.join(guesses)} (identical tensor layouts)" \
+                if guesses else 'matches no published arch'
+            raise CheckpointError(f'{info.describe()} {found}; pass --arch NAME '
+                                  f'(one of {", ".join(ARCHS)})')
+        arch = guesses[0]
+    elif arch not in ARCHS:
+        raise CheckpointError(f'unknown --arch {arch!r}; choose one of {", ".join(ARCHS)}')
+    model = MetaFormer(arch=arch, out_norm=None)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_fit(backbone, expected, info, arch, model.arch_settings)
+
+    out = {k: v for k, v in state.items() if k.startswith(('backbone.', 'head.'))}
+    meta = dict(arch=arch, source=str(src), source_format=info.format,
+                converted_by=f'mmmetaformer {__version__} tools/convert_checkpoint.py')
+    classifier = out.get('head.fc.fc2.weight', out.get('head.fc.weight'))
+    if classifier is not None:
+        meta['num_classes'] = classifier.shape[0]
+        meta['head'] = 'mlp' if 'head.fc.fc2.weight' in out else 'linear'
+    torch.save(dict(meta=meta, state_dict=out), dst)
+    extra = summarize(info)
+    print(f'{info.describe()}: {arch}, {len(backbone)} backbone tensors, '
+          + (f"{meta['head']} head with {meta['num_classes']} classes"
+             if classifier is not None else 'no classifier head')
+          + (f'; {extra}' if extra else '') + f' -> {dst}')
+    return meta
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('src', help='checkpoint path, http(s) URL or timm://<hub name>')
+    parser.add_argument('dst', help='output mmengine checkpoint (.pth)')
+    parser.add_argument('--arch', help='e.g. caformer_s18; needed only for PoolFormerV2 / '
+                        'IdentityFormer files (one tensor layout) whose name does not say which')
+    parser.add_argument('--use-ema', action='store_true',
+                        help='take the EMA copy where SRC keeps one besides its weights')
+    args = parser.parse_args(argv)
+    try:
+        convert(args.src, args.dst, args.arch, args.use_ema)
+    except CheckpointError as err:
+        sys.exit(f'error: {err}')
+
+
+if __name__ == '__main__':
+    main()
