@@ -1,5 +1,10 @@
+import importlib.util
+
 from .metaformer import (ARCHS, CAFormer, ConvFormer, IdentityFormer, MetaFormer, PoolFormer,
                          PoolFormerV2, RandFormer)
+
+if importlib.util.find_spec('mmpretrain'):  # the classifier head needs the "cls" extra
+    from .heads import MetaFormerClsHead  # noqa: F401
 
 __all__ = ['ARCHS', 'MetaFormer', 'PoolFormer', 'PoolFormerV2', 'IdentityFormer', 'RandFormer',
            'ConvFormer', 'CAFormer']

@@ -1,0 +1,6 @@
+# caformer_b36 pretrained on ImageNet-21K (21841 classes), 90 epochs at batch 4096.
+_base_ = ['./_base_/caformer_in21k.py']
+
+model = dict(
+    backbone=dict(type='mmmetaformer.CAFormer', arch='b36', drop_path_rate=0.6),
+    head=dict(in_channels=768, head_dropout=0.5))

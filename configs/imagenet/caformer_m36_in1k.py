@@ -1,0 +1,7 @@
+# caformer_m36 on ImageNet-1K, 300 epochs at batch 4096 (paper: 85.2 top-1);
+# GPUs x batch x accumulative_counts: see _base_/schedule_300e.py.
+_base_ = ['./_base_/caformer_in1k.py']
+
+model = dict(
+    backbone=dict(type='mmmetaformer.CAFormer', arch='m36', drop_path_rate=0.4),
+    head=dict(in_channels=576, head_dropout=0.4))

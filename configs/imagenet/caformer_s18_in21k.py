@@ -1,0 +1,6 @@
+# caformer_s18 pretrained on ImageNet-21K (21841 classes), 90 epochs at batch 4096.
+_base_ = ['./_base_/caformer_in21k.py']
+
+model = dict(
+    backbone=dict(type='mmmetaformer.CAFormer', arch='s18', drop_path_rate=0.15),
+    head=dict(in_channels=512))

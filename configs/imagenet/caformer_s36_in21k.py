@@ -1,0 +1,6 @@
+# caformer_s36 pretrained on ImageNet-21K (21841 classes), 90 epochs at batch 4096.
+_base_ = ['./_base_/caformer_in21k.py']
+
+model = dict(
+    backbone=dict(type='mmmetaformer.CAFormer', arch='s36', drop_path_rate=0.3),
+    head=dict(in_channels=512, head_dropout=0.4))
