@@ -1,0 +1,82 @@
+"""tools/benchmark.py runs on a tiny input and writes the documented table and JSON fields
+(no timings are checked)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ['caformer_s18', 'identityformer_s12']  # with a timm model, and ours only
+MODES = ['forward', 'train']
+REPEATS = 2
+MACHINE_FIELDS = {'cpu', 'cores', 'usable_cores', 'threads', 'python', 'platform', 'torch', 'timm',
+                  'cuda', 'cuda_device', 'memory_method'}
+RECORD_FIELDS = {'model', 'size', 'mode', 'batch', 'device', 'dtype', 'channels_last', 'with_cp',
+                 'timm_with_cp', 'ours_ms', 'timm_ms', 'ratio', 'ours_peak_mib', 'timm_peak_mib',
+                 'mem_ratio', 'max_abs_diff', 'repeats', 'warmup', 'ours_samples_ms',
+                 'timm_samples_ms'}
+TIMM_FIELDS = ('timm_ms', 'ratio', 'timm_peak_mib', 'mem_ratio', 'max_abs_diff',
+               'timm_samples_ms')
+
+
+@pytest.fixture(scope='module')
+def benchmark(tmp_path_factory):
+    out = tmp_path_factory.mktemp('benchmark') / 'out.json'
+    proc = subprocess.run(
+        [sys.executable, 'tools/benchmark.py', '--models', *MODELS, '--sizes', '64x64',
+         '--batch', '1', '--repeats', str(REPEATS), '--warmup', '1', '--device', 'cpu',
+         '--threads', '1', '--json', str(out)],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_json_fields(benchmark):
+    _, result = benchmark
+    assert MACHINE_FIELDS <= set(result['machine'])
+    assert result['machine']['threads'] == 1 and result['machine']['cuda_device'] is None
+    records = result['records']
+    assert [(r['model'], r['size'], r['mode']) for r in records] == [
+        (model, '64x64', mode) for model in MODELS for mode in MODES]
+    for r in records:
+        assert set(r) == RECORD_FIELDS
+        assert (r['batch'], r['device'], r['dtype'], r['channels_last'], r['with_cp'],
+                r['repeats']) == (1, 'cpu', 'fp32', False, False, REPEATS)
+        assert isinstance(r['ours_ms'], float) and r['ours_ms'] > 0
+        assert isinstance(r['ours_peak_mib'], float) and r['ours_peak_mib'] >= 0
+        assert len(r['ours_samples_ms']) == REPEATS
+
+
+def test_ratios_against_timm(benchmark):
+    _, result = benchmark
+    for r in result['records']:
+        if r['model'] != 'caformer_s18':
+            continue
+        assert r['timm_ms'] > 0 and len(r['timm_samples_ms']) == REPEATS
+        assert r['ratio'] == pytest.approx(r['ours_ms'] / r['timm_ms'], rel=1e-3)
+        assert r['timm_peak_mib'] > 0
+        assert r['mem_ratio'] == pytest.approx(r['ours_peak_mib'] / r['timm_peak_mib'], rel=1e-3)
+        assert r['max_abs_diff'] < 1e-4  # same weights, same computation
+        assert r['timm_with_cp'] is None
+
+
+def test_ours_only_without_timm_model(benchmark):
+    _, result = benchmark
+    records = [r for r in result['records'] if r['model'] == 'identityformer_s12']
+    assert records and all(r[field] is None for r in records for field in TIMM_FIELDS)
+
+
+def test_printed_table(benchmark):
+    stdout, result = benchmark
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith('model'))
+    assert lines[header].split() == ['model', 'size', 'mode', 'ours', 'ms', 'timm', 'ms', 'ratio',
+                                     'ours', 'MiB', 'timm', 'MiB', 'mem', 'ratio', 'max', 'diff']
+    rows = [line.split() for line in lines[header + 1:] if line.strip()]
+    assert [row[:3] for row in rows] == [[r['model'], r['size'], r['mode']]
+                                         for r in result['records']]
+    assert all(row[4] == '-' for row in rows if row[0] == 'identityformer_s12')

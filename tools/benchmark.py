@@ -1,0 +1,374 @@
+"""Latency and peak memory of the MetaFormer backbones against timm's ``features_only`` models.
+
+    python tools/benchmark.py [--models NAME ...] [--sizes 224 512x512 800x1333] [--batch N]
+        [--device cpu|cuda] [--dtype fp32|bf16] [--channels-last] [--with-cp]
+        [--modes forward train] [--repeats N] [--warmup N] [--threads N] [--no-memory]
+        [--json OUT]
+
+Both models hold the same weights (a timm model's state dict, loaded into ours through
+``init_cfg``) and return the raw stage outputs; their largest output difference is recorded
+for every case. Repetitions of ours and timm alternate (ABBA order) and the medians are
+reported. Peak memory is the memory a step needs on top of the model and its input: on CUDA
+from ``max_memory_allocated``, on CPU from the peak RSS of a fresh process (see
+docs/benchmark.md). IdentityFormer and RandFormer have no timm model: ours only.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import timm
+import torch
+import torch.nn as nn
+from mmengine.logging import MMLogger
+from safetensors.torch import save_file
+
+from mmmetaformer.models import ARCHS, MetaFormer
+
+MIB = 2**20
+#: glibc: serve every buffer of 64 KiB or more by mmap, so that freeing it lowers the RSS.
+CHILD_ENV = dict(MALLOC_MMAP_THRESHOLD_='65536')
+
+
+def parse_size(text: str):
+    """``'224'`` -> (224, 224), ``'800x1333'`` -> (800, 1333) (height x width)."""
+    parts = text.lower().split('x')
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f'size must be N or HxW, got {text!r}')
+    return int(parts[0]), int(parts[-1])
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', nargs='+', default=['caformer_s18', 'convformer_s18'],
+                        choices=list(ARCHS), metavar='NAME',
+                        help='arch names (default: %(default)s)')
+    parser.add_argument('--sizes', nargs='+', type=parse_size,
+                        default=[(224, 224), (512, 512), (800, 1333)], metavar='HxW',
+                        help='input sizes, N or HxW (default: 224 512x512 800x1333)')
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        choices=['cpu', 'cuda'])
+    parser.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16'],
+                        help='bf16: torch.autocast with bfloat16, fp32 weights')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='input and models in channels_last memory format')
+    parser.add_argument('--with-cp', action='store_true', help='activation checkpointing per block')
+    parser.add_argument('--modes', nargs='+', default=['forward', 'train'],
+                        choices=['forward', 'train'])
+    parser.add_argument('--repeats', type=int, default=20, help='timed runs per model and mode')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed runs before them')
+    parser.add_argument('--threads', type=int, default=_usable_cores(),
+                        help='torch threads (default: usable cores, %(default)s)')
+    parser.add_argument('--no-memory', action='store_true', help='skip peak memory')
+    parser.add_argument('--json', metavar='OUT', help='write the results to this JSON file')
+    parser.add_argument('--memory-child', help=argparse.SUPPRESS)  # internal, see cpu_peaks
+    args = parser.parse_args(argv)
+    if min(args.batch, args.repeats, args.threads) < 1 or args.warmup < 0:
+        parser.error('--batch, --repeats and --threads must be >= 1, --warmup >= 0')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device is available')
+    return args
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+# --- models and steps ----------------------------------------------------------------------
+
+def build(impl: str, name: str, with_cp: bool, channels_last: bool, device, checkpoint=None):
+    """Ours (``out_norm=None``) or timm's ``features_only`` model, with ``checkpoint`` (a timm
+    file) as weights if given; returns the model and what ``with_cp`` applied to timm."""
+    applied = None
+    if impl == 'ours':
+        model = MetaFormer(arch=name, out_norm=None, with_cp=with_cp, init_cfg=dict(
+            type='Pretrained', checkpoint=checkpoint) if checkpoint else None)
+        if checkpoint:
+            model.init_weights()
+    else:
+        weights = dict(pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint))
+        model = timm.create_model(name, features_only=True, **(weights if checkpoint else {}))
+        if with_cp:  # per block, like ours (the features wrapper's own switch is per stage)
+            stages = [m for m in model.modules()
+                      if m is not model and hasattr(m, 'set_grad_checkpointing')]
+            for stage in stages:
+                stage.set_grad_checkpointing(True)
+            applied = f'per block: set_grad_checkpointing on {len(stages)} timm stages'
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, applied
+
+
+def perturb(model: nn.Module) -> nn.Module:
+    """Move the 1-D parameters (norms, biases, StarReLU) off their init values and the layer
+    scales to 0.05-0.15 (PoolFormer's 1e-5 hides the blocks), so that every path of a block
+    shows in the output check."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.rand(param.shape, generator=gen) - 0.5
+            if 'layer_scale' in name:
+                param.copy_(0.1 + 0.1 * noise)
+            elif param.ndim == 1:
+                param.add_(0.4 * noise)
+    return model
+
+
+def build_pair(args, name: str, device):
+    """Ours and, where timm has ``name``, timm's model, both with the weights of a timm model
+    (seed 0, perturbed); and what ``--with-cp`` applied to timm's."""
+    torch.manual_seed(0)
+    if not timm.is_model(name):
+        return {'ours': build('ours', name, args.with_cp, args.channels_last, device)[0]}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = os.path.join(tmp, f'{name}.safetensors')
+        save_file(perturb(timm.create_model(name)).state_dict(), checkpoint)
+        ours, _ = build('ours', name, args.with_cp, args.channels_last, device, checkpoint)
+        reference, applied = build('timm', name, args.with_cp, args.channels_last, device,
+                                   checkpoint)
+    return {'ours': ours, 'timm': reference}, applied
+
+
+def make_input(args, size, device):
+    x = torch.randn(args.batch, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    return x.to(memory_format=torch.channels_last) if args.channels_last else x
+
+
+def make_step(model, x, mode: str, dtype: str):
+    """One inference (eval, inference mode) or training step (train, forward + backward of
+    the sum of the outputs' means; the gradients are freed after it, as ``zero_grad`` would
+    after the optimizer step, so that the model holds none between steps)."""
+    def autocast():
+        if dtype == 'bf16':
+            return torch.autocast(x.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def forward():
+        with torch.inference_mode(), autocast():
+            model(x)
+
+    def train():
+        with autocast():
+            loss = sum(out.float().mean() for out in model(x))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    model.train(mode == 'train')
+    return forward if mode == 'forward' else train
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(step, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def time_interleaved(steps: dict, device, warmup: int, repeats: int) -> dict:
+    """Timings (ms) per implementation, runs alternating in ABBA order."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times = {name: [] for name in names}
+    for i in range(repeats):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            times[name].append(timed_ms(steps[name], device))
+    return times
+
+
+@torch.no_grad()
+def max_abs_diff(ours, reference, x) -> float:
+    ours.eval()
+    reference.eval()
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(ours(x), reference(x)))
+
+
+# --- peak memory ---------------------------------------------------------------------------
+
+def cuda_peak_mib(step, device) -> float:
+    """Peak memory allocated during one (warm) step on top of what is allocated before it."""
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / MIB
+
+
+def _status_kib(field: str) -> int:
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak RSS mark (VmHWM) to the current RSS; False where impossible."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def rss_peak_mib(step) -> float:
+    """Peak RSS during one step above the RSS before it, in this process: after a warm-up
+    step, VmHWM after the step minus VmRSS before it, with VmHWM reset in between."""
+    if not _reset_peak_rss():  # e.g. not Linux: only growth beyond every earlier peak shows
+        scale = 1 if sys.platform == 'darwin' else 1024  # ru_maxrss: bytes on macOS, else KiB
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        step()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * scale / MIB
+    step()
+    base = _status_kib('VmRSS')
+    _reset_peak_rss()
+    step()
+    return (_status_kib('VmHWM') - base) / 1024
+
+
+def memory_child(spec: dict) -> dict:
+    """Peak RSS per mode of one implementation and case, measured in this (fresh) process."""
+    args = argparse.Namespace(**spec)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device('cpu')
+    model, _ = build(args.impl, args.model, args.with_cp, args.channels_last, device)
+    x = make_input(args, tuple(args.size), device)
+    return {mode: rss_peak_mib(make_step(model, x, mode, args.dtype)) for mode in args.modes}
+
+
+def cpu_peaks(args, impl: str, name: str, size) -> dict:
+    """:func:`memory_child` in a fresh Python process, so that neither the other
+    implementation nor earlier cases leave memory (allocator caches) behind."""
+    spec = dict(impl=impl, model=name, size=size, batch=args.batch, dtype=args.dtype,
+                channels_last=args.channels_last, with_cp=args.with_cp, modes=args.modes,
+                threads=args.threads)
+    cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', json.dumps(spec)]
+    proc = subprocess.run(cmd, env=dict(os.environ, **CHILD_ENV), capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f'memory measurement of {impl} {name} {size} failed:\n{proc.stderr}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- report --------------------------------------------------------------------------------
+
+def machine_info(args, device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f
+                        if line.startswith('model name')), cpu)
+    cpu_memory = ('peak RSS above the pre-step RSS (VmHWM reset by /proc/self/clear_refs)'
+                  if _reset_peak_rss() else 'ru_maxrss after minus before the step')
+    return dict(cpu=cpu, cores=os.cpu_count(), usable_cores=_usable_cores(), threads=args.threads,
+                python=platform.python_version(), platform=platform.platform(),
+                torch=torch.__version__, timm=timm.__version__, cuda=torch.version.cuda,
+                cuda_device=torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
+                memory_method=None if args.no_memory else
+                'torch.cuda.max_memory_allocated above memory_allocated before the step'
+                if device.type == 'cuda' else f'fresh process per model and size: {cpu_memory}')
+
+
+def make_record(args, name, size, mode, times, peaks, diff, timm_with_cp) -> dict:
+    """The JSON record of one (model, size, mode); ratios are ours / timm of the rounded
+    figures, None where timm has no model (or memory was not measured)."""
+    def ms(impl):
+        return round(statistics.median(times[impl]), 3) if impl in times else None
+
+    def mib(impl):
+        peak = peaks.get(impl, {}).get(mode)
+        return None if peak is None else round(peak, 2)
+
+    def ratio(a, b):
+        return round(a / b, 4) if a is not None and b else None
+
+    return dict(model=name, size=f'{size[0]}x{size[1]}', mode=mode, batch=args.batch,
+                device=args.device, dtype=args.dtype, channels_last=args.channels_last,
+                with_cp=args.with_cp, timm_with_cp=timm_with_cp,
+                ours_ms=ms('ours'), timm_ms=ms('timm'), ratio=ratio(ms('ours'), ms('timm')),
+                ours_peak_mib=mib('ours'), timm_peak_mib=mib('timm'),
+                mem_ratio=ratio(mib('ours'), mib('timm')), max_abs_diff=diff,
+                repeats=args.repeats, warmup=args.warmup,
+                ours_samples_ms=[round(t, 3) for t in times['ours']],
+                timm_samples_ms=[round(t, 3) for t in times['timm']] if 'timm' in times else None)
+
+
+#: Table columns: title, width, record field, format of a number (text is left-aligned).
+COLUMNS = [('model', 18, 'model', ''), ('size', 9, 'size', ''), ('mode', 7, 'mode', ''),
+           ('ours ms', 10, 'ours_ms', '.2f'), ('timm ms', 10, 'timm_ms', '.2f'),
+           ('ratio', 6, 'ratio', '.3f'), ('ours MiB', 9, 'ours_peak_mib', '.1f'),
+           ('timm MiB', 9, 'timm_peak_mib', '.1f'), ('mem ratio', 9, 'mem_ratio', '.3f'),
+           ('max diff', 8, 'max_abs_diff', '.1e')]
+
+
+def table_row(record=None) -> str:
+    """The header, or the line of ``record``."""
+    cells = []
+    for title, width, key, fmt in COLUMNS:
+        if record is None:
+            cells.append(title.rjust(width) if fmt else title.ljust(width))
+        elif not fmt:
+            cells.append(str(record[key]).ljust(width))
+        else:
+            value = record[key]
+            cells.append(('-' if value is None else format(value, fmt)).rjust(width))
+    return '  '.join(cells)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    MMLogger.get_instance('benchmark', log_level='WARNING')  # keep the table free of load logs
+    result = dict(machine=machine_info(args, device),
+                  settings=dict(vars(args), sizes=[f'{h}x{w}' for h, w in args.sizes]),
+                  records=[])
+    del result['settings']['memory_child']
+    print(table_row())
+    for name in args.models:
+        models, timm_with_cp = build_pair(args, name, device)
+        for size in args.sizes:
+            x = make_input(args, size, device)
+            diff = max_abs_diff(models['ours'], models['timm'], x) if 'timm' in models else None
+            peaks = {}
+            if not args.no_memory and device.type == 'cpu':
+                peaks = {impl: cpu_peaks(args, impl, name, size) for impl in models}
+            for mode in args.modes:
+                steps = {impl: make_step(m, x, mode, args.dtype) for impl, m in models.items()}
+                times = time_interleaved(steps, device, args.warmup, args.repeats)
+                if not args.no_memory and device.type == 'cuda':
+                    for impl, step in steps.items():
+                        peaks.setdefault(impl, {})[mode] = cuda_peak_mib(step, device)
+                record = make_record(args, name, size, mode, times, peaks, diff, timm_with_cp)
+                result['records'].append(record)
+                print(table_row(record), flush=True)
+                if args.json:  # rewritten after every record: a long run keeps what it measured
+                    with open(args.json, 'w') as f:
+                        json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return
+    run(args)
+
+
+if __name__ == '__main__':
+    main()
