@@ -1,0 +1,104 @@
+"""check_dataset: one clear FileNotFoundError for missing COCO / ADE20K / ImageNet data."""
+import pytest
+from mmengine.config import Config
+
+from mmmetaformer.datasets import (check_dataset, write_ade20k_demo, write_coco_demo,
+                                   write_imagenet_demo)
+
+HINT = "(see README, 'Prepare datasets')"
+
+
+def coco(root, split='train', type='CocoDataset'):
+    return dict(type=type, data_root=root, ann_file=f'annotations/instances_{split}2017.json',
+                data_prefix=dict(img=f'{split}2017/'), pipeline=[])
+
+
+def ade(root, split='training', type='ADE20KDataset'):
+    return dict(type=type, data_root=root,
+                data_prefix=dict(img_path=f'images/{split}', seg_map_path=f'annotations/{split}'))
+
+
+def imagenet(root, split='train', type='ImageNet'):
+    return dict(type=type, data_root=root, split=split)
+
+
+def config(train=None, val=None, test=None):
+    return Config({f'{key}_dataloader': dict(batch_size=1, dataset=dataset) if dataset else None
+                   for key, dataset in (('train', train), ('val', val), ('test', test))})
+
+
+def message(cfg):
+    with pytest.raises(FileNotFoundError) as error:
+        check_dataset(cfg)
+    return str(error.value)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('demo')
+    write_coco_demo(str(root / 'coco'), num_train=1, num_val=1, image_size=(64, 48))
+    write_ade20k_demo(str(root / 'ade20k'), num_train=1, num_val=1, image_size=(64, 48))
+    write_imagenet_demo(str(root / 'imagenet'), num_train_per_class=1, num_val_per_class=1,
+                        image_size=(32, 32))
+    return root
+
+
+def test_documented_messages():
+    assert message(config(train=coco('data/coco'))) == (
+        'COCO not found at data/coco: expected annotations/instances_train2017.json and '
+        f'train2017/ {HINT}')
+    assert message(config(train=ade('data/ade/ADEChallengeData2016'))) == (
+        'ADE20K not found at data/ade/ADEChallengeData2016: expected images/training and '
+        f'annotations/training {HINT}')
+    assert message(config(val=imagenet('data/imagenet', 'val'))) == (
+        f'ImageNet not found at data/imagenet: expected val/ {HINT}')
+
+
+def test_one_line_per_dataset_root(tmp_path):
+    root = str(tmp_path / 'coco')
+    cfg = config(train=coco(root), val=coco(root, 'val'), test=coco(root, 'val'))
+    assert message(cfg) == (
+        f'COCO not found at {root}: expected annotations/instances_train2017.json, train2017/, '
+        f'annotations/instances_val2017.json and val2017/ {HINT}')
+    lines = message(config(train=coco('a'), val=ade('b', 'validation'))).splitlines()
+    assert [line.split(':')[0] for line in lines] == ['COCO not found at a', 'ADE20K not found at b']
+
+
+@pytest.mark.parametrize('wrap', [
+    lambda d: dict(type='RepeatDataset', times=2, dataset=d),
+    lambda d: dict(type='ClassBalancedDataset', oversample_thr=0.1,
+                   dataset=dict(type='RepeatDataset', times=2, dataset=d)),
+    lambda d: dict(type='ConcatDataset', datasets=[dict(type='UnknownDataset'), d]),
+])
+def test_wrappers_and_scoped_types(wrap):
+    cfg = config(train=wrap(ade('data/nowhere', type='mmseg.ADE20KDataset')))
+    assert message(cfg).startswith('ADE20K not found at data/nowhere: expected images/training')
+
+
+def test_partially_present_dataset_fails(data):
+    (data / 'partial').mkdir()
+    (data / 'partial/annotations').symlink_to(data / 'coco/annotations')
+    assert 'COCO not found at' in message(config(train=coco(str(data / 'partial'))))
+
+
+def test_custom_dataset_and_class_types(data):
+    assert message(config(train=dict(type='mmpretrain.CustomDataset', data_root='x/y'))) == (
+        f'CustomDataset not found at x/y: expected a directory {HINT}')
+    cocodataset = type('CocoDataset', (), {})
+    cfg = dict(train_dataloader=dict(dataset=dict(coco('nowhere'), type=cocodataset)))
+    assert message(cfg).startswith('COCO not found at nowhere')
+
+
+def test_passes_for_demo_data(data):
+    check_dataset(config(train=coco(str(data / 'coco')),
+                         val=coco(str(data / 'coco'), 'val', type='mmdet.CocoDataset')))
+    check_dataset(config(train=ade(str(data / 'ade20k')), val=ade(str(data / 'ade20k'), 'validation')))
+    check_dataset(config(train=imagenet(str(data / 'imagenet')),
+                         val=dict(type='CustomDataset', data_root=str(data / 'imagenet'),
+                                  ann_file='meta/val.txt', data_prefix='val')))
+
+
+def test_leaves_unknown_and_remote_datasets_alone():
+    check_dataset(config(train=dict(type='CityscapesDataset', data_root='data/nowhere'),
+                         val=coco('s3://bucket/coco')))
+    check_dataset(Config(dict(model=dict(type='X'))))
