@@ -1,0 +1,174 @@
+"""Fidelity to the reference implementations: same features for the same weights, and the
+papers' parameter counts and MACs.
+
+timm's MetaFormer (which equals the official code) is the reference: a timm-format file written
+from a timm model with random weights is loaded through the backbone's ``init_cfg``, and the raw
+stage outputs are compared with timm's ``features_only`` model loading the same file.
+"""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from timm.models.metaformer import GroupNorm1NoBias
+from timm.models.metaformer import MetaFormer as TimmMetaFormer
+
+import mmmetaformer  # noqa: F401
+from mmmetaformer.analysis import count_macs
+from mmmetaformer.models import ARCHS, MetaFormer
+
+TIMM_MODELS = [name for name in ARCHS if not name.startswith(('identityformer', 'randformer'))]
+SIZES = [(224, 224), (160, 96)]
+
+# ImageNet-1K Params (with the 1000-class head) from the official checkpoints and MACs (G) at
+# 224x224 from the papers' tables.
+REFERENCE = {
+    'poolformer_s12': (11915176, 1.8), 'poolformer_s24': (21388968, 3.4),
+    'poolformer_s36': (30862760, 5.0), 'poolformer_m36': (56172520, 8.8),
+    'poolformer_m48': (73473448, 11.6),
+    'poolformerv2_s12': (11891712, 1.8), 'poolformerv2_s24': (21341464, 3.4),
+    'poolformerv2_s36': (30791216, 5.0), 'poolformerv2_m36': (56077168, 8.8),
+    'poolformerv2_m48': (73346056, 11.5),
+    'identityformer_s12': (11891712, 1.8), 'identityformer_s24': (21341464, 3.4),
+    'identityformer_s36': (30791216, 5.0), 'identityformer_m36': (56077168, 8.8),
+    'identityformer_m48': (73346056, 11.5),
+    'randformer_s12': (12127010, 1.9), 'randformer_s24': (21812060, 3.5),
+    'randformer_s36': (31497110, 5.2), 'randformer_m36': (56783062, 9.0),
+    'randformer_m48': (74287248, 11.9),
+    'convformer_s18': (26774448, 3.9), 'convformer_s36': (40012152, 7.6),
+    'convformer_m36': (57051640, 12.8), 'convformer_b36': (99882616, 22.6),
+    'caformer_s18': (26341656, 4.1), 'caformer_s36': (39297102, 8.0),
+    'caformer_m36': (56204878, 13.2), 'caformer_b36': (98753614, 23.2),
+}
+
+
+def randomize(model: nn.Module, seed: int = 0):
+    """timm's random init, with the 1-D tensors (norms, scales, biases, StarReLU) moved off
+    their init values (+-0.1) so that every parameter matters, and PoolFormer's layer scales
+    raised from 1e-5 to 0.02-0.04 so that its blocks do not reduce to the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = 0.2 * (torch.rand(p.shape, generator=gen) - 0.5)
+            if 'layer_scale' in name:
+                p.copy_(0.03 + 0.1 * noise)
+            elif p.ndim == 1:
+                p.add_(noise)
+    return model
+
+
+def load_ours(name: str, path) -> MetaFormer:
+    model = MetaFormer(arch=name, out_norm=None,
+                       init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    return model.eval()
+
+
+def compare(ours, reference, sizes, fp64=False):
+    """Same raw stage outputs for the same weights.
+
+    fp32: max abs difference <= 1e-5 x max(1, the stage's largest activation). Deep stages
+    reach activations of ~5-10, where timm's own fp32 rounding error (against its fp64 output)
+    is up to 6e-6 of the largest activation, and ours is the same. ``fp64``: also the same
+    computation to 1e-9 in float64 (at the last size; fp64 convolutions are slow on CPU, so only
+    for the smallest model of each family).
+    """
+    torch.manual_seed(1)
+    for size in sizes:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            expected, actual = reference(x), ours(x)
+        assert len(expected) == len(actual) == 4
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            assert e.shape == a.shape, (size, i)
+            bound = 1e-5 * max(1., e.abs().max().item())
+            diff = (e - a).abs().max().item()
+            assert diff <= bound, f'stage {i} at {size}: max abs diff {diff:.2e} > {bound:.2e}'
+    if fp64:
+        with torch.no_grad():
+            expected, actual = reference.double()(x.double()), ours.double()(x.double())
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            assert (e - a).abs().max() <= 1e-9, f'stage {i} at {size} differs in fp64'
+
+
+def smallest(name):
+    return name.endswith(('_s12', '_s18'))
+
+
+@pytest.mark.parametrize('name', TIMM_MODELS)
+def test_matches_timm_features(name, tmp_path):
+    path = tmp_path / 'model.safetensors'
+    save_file(randomize(timm.create_model(name)).state_dict(), str(path))
+    reference = timm.create_model(name, features_only=True, pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(path))).eval()
+    compare(load_ours(name, path), reference, SIZES, fp64=smallest(name))
+
+
+class RandomMixingReference(nn.Module):
+    """RandFormer's token mixer from the paper, on NCHW tensors: out[m] = sum_n W[m, n] x[n]
+    with a frozen W = softmax(rand(N, N))."""
+    num_tokens = None
+
+    def __init__(self, dim, **kwargs):
+        super().__init__()
+        self.random_matrix = nn.Parameter(
+            torch.softmax(torch.rand(self.num_tokens, self.num_tokens), dim=-1),
+            requires_grad=False)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        return (self.random_matrix @ tokens).transpose(1, 2).reshape(B, C, H, W)
+
+
+RandomMixing196 = type('RandomMixing196', (RandomMixingReference, ), dict(num_tokens=196))
+RandomMixing49 = type('RandomMixing49', (RandomMixingReference, ), dict(num_tokens=49))
+
+
+class Intermediates(nn.Module):
+    """The four stage outputs of a timm MetaFormer."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_intermediates(x, intermediates_only=True)
+
+
+def timm_generic_reference(name):
+    """IdentityFormer / RandFormer built from timm's generic MetaFormer class."""
+    arch = ARCHS[name]
+    token_mixers = [nn.Identity, nn.Identity] + (
+        [RandomMixing196, RandomMixing49] if name.startswith('randformer') else [nn.Identity] * 2)
+    return TimmMetaFormer(depths=arch['depths'], dims=arch['dims'], token_mixers=token_mixers,
+                          norm_layers=GroupNorm1NoBias, use_mlp_head=False)
+
+
+@pytest.mark.parametrize('name', [n for n in ARCHS if n.startswith(('identityformer',
+                                                                     'randformer'))])
+def test_matches_timm_generic_metaformer(name, tmp_path):
+    torch.manual_seed(0)
+    model = randomize(timm_generic_reference(name))
+    path = tmp_path / 'model.safetensors'
+    save_file(model.state_dict(), str(path))
+    # RandFormer's matrices are defined on the 224x224 token grid only.
+    sizes = SIZES[:1] if name.startswith('randformer') else SIZES
+    compare(load_ours(name, path), Intermediates(model).eval(), sizes, fp64=smallest(name))
+
+
+@pytest.mark.parametrize('name', list(ARCHS))
+def test_params_and_macs(name):
+    """Parameters with the 1000-class classifier equal the official checkpoint's; MACs at
+    224x224 (attention matmuls counted) are within 2% of the papers' tables."""
+    from mmpretrain.registry import MODELS
+    family, size = name.split('_')
+    cfg_path = f'configs/imagenet/{name}_in1k.py'
+    from mmengine.config import Config
+    cfg = Config.fromfile(cfg_path).model
+    cfg.backbone.init_cfg = None
+    classifier = MODELS.build(cfg).eval()
+    params, macs = REFERENCE[name]
+    assert sum(p.numel() for p in classifier.parameters()) == params
+    measured = count_macs(classifier, torch.zeros(1, 3, 224, 224), mode='tensor') / 1e9
+    assert abs(measured / macs - 1) <= 0.02, f'{measured:.3f}G vs {macs}G'
