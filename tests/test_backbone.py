@@ -192,6 +192,15 @@ def test_resampling_follows_positions():
     assert (centroids - coords).abs().max() < 1.0
 
 
+def test_resampled_matrix_from_inference_mode_not_reused_in_training():
+    model = RandFormer(arch=dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)))
+    x = torch.randn(1, 3, 96, 128)
+    with torch.inference_mode():
+        model.eval()(x)
+    sum(o.mean() for o in model.train()(x)).backward()
+    assert model.stem.conv.weight.grad is not None
+
+
 def test_resample_cache_follows_weight_updates():
     mixer = RandomMixing(49)
     before = mixer.mixing_matrix(10, 10)

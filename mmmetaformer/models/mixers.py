@@ -94,7 +94,9 @@ class RandomMixing(nn.Module):
         matrix = self.random_matrix
         if (H, W) == (self.native_size, self.native_size):
             return matrix
-        key = (H, W, matrix.device, matrix.dtype, matrix._version)
+        # Tensors made under inference_mode cannot enter autograd: cache them apart.
+        key = (H, W, matrix.device, matrix.dtype, matrix._version,
+               torch.is_inference_mode_enabled())
         if key not in self._resampled:
             with torch.no_grad():
                 self._resampled[key] = resample_mixing_matrix(matrix, (H, W))
