@@ -1,0 +1,171 @@
+"""Every detection/segmentation config parses, follows its recipe, builds its model (pretrained
+off) and runs a forward; the backbone swaps into mmdet's and mmseg's own configs."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import DefaultScope, init_default_scope
+
+import mmmetaformer  # noqa: F401
+from mmmetaformer.models.metaformer import ARCHS
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / 'configs'
+spec = importlib.util.spec_from_file_location('generate_configs', CONFIGS / 'generate.py')
+generate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(generate)
+GENERATED = generate.configs()
+ZOO = {path: (recipe, family, size) for path, recipe, family, size, _ in generate.zoo()}
+# every config of this issue: the generated zoo, the headline config and the demos
+ALL = sorted([*GENERATED, 'caformer_s18_maskrcnn.py',
+              *(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / 'demo').glob('*.py'))])
+
+# (lr, weight decay, layer decay paramwise_cfg or None, auto_scale_lr base batch size)
+RECIPES = {
+    'mask-rcnn_metaformer_fpn_1x_coco': (2e-4, 1e-4, None, 16),
+    'retinanet_metaformer_fpn_1x_coco': (1e-4, 1e-4, None, 16),
+    'mask-rcnn_metaformer_fpn_ms-crop-3x_coco': (
+        1e-4, 0.05, dict(decay_rate=0.95, decay_type='layer_wise', num_layers=6), 16),
+    'cascade-mask-rcnn_metaformer_fpn_4conv1fc-giou_ms-crop-3x_coco': (
+        2e-4, 0.05, dict(decay_rate=0.7, decay_type='layer_wise', num_layers=6), 16),
+    'upernet_metaformer_8xb2-160k_ade20k-512x512': (
+        1e-4, 0.05, dict(decay_rate=0.9, decay_type='stage_wise'), 16),
+    'fpn_metaformer_8xb4-40k_ade20k-512x512': (2e-4, 1e-4, None, 32),
+}
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny inputs: one thread is as fast, and immune to oversubscribed CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load(name):
+    return Config.fromfile(str(CONFIGS / name))
+
+
+def test_generated_configs_match_generator():
+    on_disk = {p.relative_to(CONFIGS).as_posix()
+               for d in ('coco', 'ade20k') for p in (CONFIGS / d).glob('*.py')}
+    assert on_disk == set(GENERATED), 'run python configs/generate.py'
+    for name, text in GENERATED.items():
+        assert (CONFIGS / name).read_text() == text, f'{name}: run python configs/generate.py'
+    assert len(GENERATED) == 100
+
+
+@pytest.mark.parametrize('name', sorted(ZOO))
+def test_zoo_config_recipe(name):
+    cfg = load(name)
+    recipe, family, size = ZOO[name]
+    lr, wd, decay, base_batch = RECIPES[recipe]
+    backbone = cfg.model.backbone
+    assert cfg.custom_imports.imports == ['mmmetaformer']
+    assert cfg.default_scope == ('mmdet' if name.startswith('coco/') else 'mmseg')
+    assert backbone.type.lower() == f'mmmetaformer.{family}' and backbone.arch == size
+    assert backbone.init_cfg == dict(type='Pretrained',
+                                     checkpoint=generate.pretrained_url(family, size))
+    optimizer = cfg.optim_wrapper.optimizer
+    assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ('AdamW', lr, wd)
+    assert cfg.optim_wrapper.get('paramwise_cfg') == decay
+    if decay:
+        assert cfg.optim_wrapper.constructor == 'mmmetaformer.LayerDecayOptimWrapperConstructor'
+    assert cfg.auto_scale_lr.base_batch_size == base_batch
+    dims = list(ARCHS[f'{family}_{size}']['dims'])
+    head_widths = cfg.model.decode_head.in_channels if 'upernet' in name else \
+        cfg.model.neck.in_channels
+    assert list(head_widths) == dims
+
+
+def _dummy_batch(scope, size, num=1):
+    inputs = torch.rand(num, 3, size, size)
+    meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
+                batch_input_shape=(size, size), scale_factor=(1.0, 1.0))
+    if scope == 'mmdet':
+        from mmdet.structures import DetDataSample
+        return inputs, [DetDataSample(metainfo=meta) for _ in range(num)]
+    from mmseg.structures import SegDataSample
+    return inputs, [SegDataSample(metainfo=meta) for _ in range(num)]
+
+
+def build_model(cfg):
+    """The config's model with pretrained loading off and few RPN proposals (fast tests)."""
+    cfg.model.backbone.init_cfg = None
+    if 'rpn' in cfg.model.get('test_cfg', {}):
+        cfg.model.test_cfg.rpn.max_per_img = 20
+    from mmengine.registry import MODELS
+    init_default_scope(cfg.default_scope)
+    return MODELS.build(cfg.model)
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_config_builds_and_runs(name):
+    cfg = load(name)
+    scope = cfg.default_scope
+    with DefaultScope.overwrite_default_scope(scope):
+        model = build_model(cfg).eval()
+        inputs, samples = _dummy_batch(scope, 128 if scope == 'mmdet' else 64)
+        with torch.no_grad():
+            out = model(inputs, samples, mode='tensor')
+    assert out is not None
+    assert type(model.backbone).__module__.startswith('mmmetaformer.')
+
+
+SWAP_MMDET = """
+_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)
+model = dict(
+    backbone=dict(_delete_=True, type='mmmetaformer.CAFormer', arch='s18', drop_path_rate=0.15,
+                  init_cfg=dict(type='Pretrained', checkpoint='https://huggingface.co/sail/dl/resolve/main/caformer/caformer_s18.pth')),
+    neck=dict(in_channels=[64, 128, 320, 512]))
+"""
+SWAP_MMSEG = """
+_base_ = 'mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py'
+custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)
+model = dict(
+    backbone=dict(_delete_=True, type='mmmetaformer.ConvFormer', arch='s18', drop_path_rate=0.2,
+                  init_cfg=dict(type='Pretrained', checkpoint='https://huggingface.co/sail/dl/resolve/main/convformer/convformer_s18.pth')),
+    decode_head=dict(in_channels=[64, 128, 320, 512]),
+    auxiliary_head=dict(in_channels=320))
+"""
+
+
+@pytest.mark.parametrize('text', [SWAP_MMDET, SWAP_MMSEG], ids=['mmdet', 'mmseg'])
+def test_backbone_swaps_into_toolbox_config(text, tmp_path):
+    """Only the backbone dict and the neck/head in_channels of mmdet's / mmseg's own config
+    change; the model builds and trains one iteration (SGD as in the toolbox config)."""
+    from mmengine.optim import build_optim_wrapper
+    path = tmp_path / 'swap.py'
+    path.write_text(text)
+    cfg = Config.fromfile(str(path))
+    scope = cfg.default_scope
+    if scope == 'mmseg':
+        cfg.model.data_preprocessor.size = (128, 128)  # test speed: no padding to 512x512
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope(scope):
+        model = build_model(cfg)
+        model.train()
+        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+        # two images: the segmentor's BatchNorm after global pooling needs a batch > 1
+        inputs, samples = _dummy_batch(scope, 128, num=2)
+        for sample in samples:
+            if scope == 'mmdet':
+                from mmdet.structures.mask import BitmapMasks
+                from mmengine.structures import InstanceData
+                masks = torch.zeros(1, 128, 128, dtype=torch.uint8)
+                masks[0, 20:80, 30:100] = 1
+                sample.gt_instances = InstanceData(
+                    bboxes=torch.tensor([[30., 20., 100., 80.]]), labels=torch.tensor([1]),
+                    masks=BitmapMasks(masks.numpy(), 128, 128))
+            else:
+                from mmengine.structures import PixelData
+                sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, 128, 128)))
+        before = model.backbone.stem.conv.weight.detach().clone()
+        data = dict(inputs=list((inputs * 255).byte()), data_samples=samples)
+        log_vars = model.train_step(data, optim_wrapper)
+    assert torch.isfinite(log_vars['loss'])
+    assert not torch.equal(before, model.backbone.stem.conv.weight)

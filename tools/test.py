@@ -1,0 +1,65 @@
+"""Evaluate a checkpoint of a detector, segmentor or classifier with its config's test metrics.
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE_OR_DIR]
+        [--show-dir DIR] [--cfg-options KEY=VALUE ...] [--launcher pytorch|slurm|mpi]
+
+Metrics come from the config's ``test_evaluator``: COCO bbox/segm mAP (mmdet), mIoU (mmseg),
+top-1/top-5 accuracy (mmpretrain).
+"""
+import argparse
+
+from common import add_common_args, build_runner, finish, load_config
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Test a checkpoint with an OpenMMLab config')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--out', help='save the predictions: a .pkl file for detection and '
+                        'classification, a directory of label PNGs for segmentation')
+    parser.add_argument('--show-dir', help='save every test image with its drawn predictions '
+                        '(detection: WORK_DIR/<run>/SHOW_DIR; segmentation: '
+                        'SHOW_DIR/vis_data/vis_image)')
+    add_common_args(parser)
+    return parser.parse_args()
+
+
+def enable_drawing(cfg, scope, show_dir):
+    """Make the config's visualization hook draw every test image into ``show_dir``."""
+    hook = cfg.default_hooks.get('visualization')
+    if hook is None:
+        raise SystemExit('error: --show-dir needs default_hooks.visualization in the config')
+    if scope == 'mmdet':
+        hook.update(draw=True, test_out_dir=show_dir)
+    elif scope == 'mmseg':
+        hook.update(draw=True, interval=1)  # mmseg's default draws every 50th image
+        cfg.visualizer.save_dir = show_dir
+    else:  # mmpretrain's VisualizationHook
+        hook.update(enable=True, interval=1, out_dir=show_dir)
+
+
+def main():
+    args = parse_args()
+    cfg = load_config(args, dataloaders=('test_dataloader',))
+    cfg.load_from = args.checkpoint
+    scope = cfg.get('default_scope')
+    if args.show_dir:
+        enable_drawing(cfg, scope, args.show_dir)
+    if args.out and scope == 'mmseg':
+        cfg.test_evaluator.update(output_dir=args.out, keep_results=True)
+    elif args.out and not args.out.endswith(('.pkl', '.pickle')):
+        raise SystemExit(f'error: --out must be a .pkl file for {scope} configs, got {args.out}')
+    runner = build_runner(cfg)
+    if args.out and scope != 'mmseg':
+        if scope == 'mmdet':
+            from mmdet.evaluation import DumpDetResults as Dump
+        else:
+            from mmengine.evaluator import DumpResults as Dump
+        runner.test_evaluator.metrics.append(Dump(out_file_path=args.out))
+    runner.test()
+    del runner
+    finish()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,51 @@
+"""Train a detector (mmdet), segmentor (mmseg) or classifier (mmpretrain) from a config.
+
+    python tools/train.py CONFIG [--work-dir DIR] [--amp] [--auto-scale-lr]
+        [--resume [CHECKPOINT]] [--cfg-options KEY=VALUE ...] [--launcher pytorch|slurm|mpi]
+"""
+import argparse
+
+from common import add_common_args, build_runner, finish, load_config
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Train a model from an OpenMMLab config')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('--amp', action='store_true',
+                        help='automatic mixed precision (AmpOptimWrapper, GPU only)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the lr by (GPUs x batch size) / auto_scale_lr.base_batch_size')
+    parser.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
+                        help='resume from CHECKPOINT, or without a value from the latest '
+                        'checkpoint in the work directory')
+    add_common_args(parser)
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    cfg = load_config(args)
+    if args.amp:
+        from mmengine.device import get_device
+        if get_device() == 'cpu':
+            raise SystemExit('error: --amp needs a GPU (mmengine AmpOptimWrapper)')
+        if cfg.optim_wrapper.get('type', 'OptimWrapper') != 'AmpOptimWrapper':
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.loss_scale = 'dynamic'
+    if args.auto_scale_lr:
+        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+            raise SystemExit('error: --auto-scale-lr needs auto_scale_lr.base_batch_size '
+                             'in the config')
+        cfg.auto_scale_lr.enable = True
+    if args.resume == 'auto':
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        cfg.resume, cfg.load_from = True, args.resume
+    runner = build_runner(cfg)
+    runner.train()
+    del runner
+    finish()
+
+
+if __name__ == '__main__':
+    main()
