@@ -10,7 +10,7 @@ Both models hold the same weights (a timm model's state dict, loaded into ours t
 for every case. Repetitions of ours and timm alternate (ABBA order) and the medians are
 reported. Peak memory is the memory a step needs on top of the model and its input: on CUDA
 from ``max_memory_allocated``, on CPU from the peak RSS of a fresh process (see
-docs/benchmark.md). IdentityFormer and RandFormer have no timm model: ours only.
+README, "Benchmark"). IdentityFormer and RandFormer have no timm model: ours only.
 """
 import argparse
 import json
