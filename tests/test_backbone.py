@@ -218,3 +218,13 @@ def test_randformer_dense_sizes(size):
         outs = model(torch.randn(1, 3, *size))
     assert outs[3].shape[-2:] == feature_sizes(size)[3]
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_pretrained_shorthand():
+    """mmseg's EncoderDecoder hands the config's model-level ``pretrained`` to the backbone."""
+    model = ConvFormer(arch=TINY, pretrained='ckpt.pth')
+    assert model.init_cfg == dict(type='Pretrained', checkpoint='ckpt.pth')
+    own = dict(type='Pretrained', checkpoint='convformer.pth')
+    with pytest.warns(UserWarning, match="pretrained='resnet50.pth' is ignored"):
+        model = ConvFormer(arch=TINY, pretrained='resnet50.pth', init_cfg=own)
+    assert model.init_cfg == own

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import DefaultScope, init_default_scope
+from mmengine.registry import DefaultScope
 
 import mmmetaformer  # noqa: F401
 from mmmetaformer.models.metaformer import ARCHS
@@ -98,7 +98,6 @@ def build_model(cfg):
     if 'rpn' in cfg.model.get('test_cfg', {}):
         cfg.model.test_cfg.rpn.max_per_img = 20
     from mmengine.registry import MODELS
-    init_default_scope(cfg.default_scope)
     return MODELS.build(cfg.model)
 
 
@@ -106,6 +105,7 @@ def build_model(cfg):
 def test_config_builds_and_runs(name):
     cfg = load(name)
     scope = cfg.default_scope
+    assert scope in ('mmdet', 'mmseg') and 'mmmetaformer' in cfg.custom_imports.imports
     with DefaultScope.overwrite_default_scope(scope):
         model = build_model(cfg).eval()
         inputs, samples = _dummy_batch(scope, 128 if scope == 'mmdet' else 64)

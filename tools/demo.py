@@ -74,7 +74,7 @@ def main():
     image = busiest_image(osp.join(DATA_ROOT, 'coco'))
     picture = osp.join(args.work_dir, 'predictions.png')
     run('drawing predictions', 'tools/infer.py', image, CONFIG, checkpoint, '--out', picture,
-        '--score-thr', '0.5')
+        '--score-thr', '0.4')
 
     losses = [r['loss'] for r in latest_log(osp.join(work_dir, '*', 'vis_data', 'scalars.json'),
                                             'loss')]

@@ -6,6 +6,7 @@ Module names follow timm's ``metaformer.py`` (``stem``, ``stages.i.downsample``,
 ``stages.i.blocks.j``); Linear weights are 2-D as in the official code.
 """
 import copy
+import warnings
 from functools import partial
 from typing import Optional, Sequence, Union
 
@@ -167,8 +168,12 @@ class MetaFormer(BaseModule):
             stages (with their downsampling layers). Output norms stay trainable.
         norm_eval (bool): keep the norm layers in eval mode during training.
         with_cp (bool): activation checkpointing per block.
+        pretrained (str, optional): the deprecated OpenMMLab shorthand for
+            ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``, which mmseg's
+            ``EncoderDecoder`` passes on from the model-level ``pretrained`` of its configs;
+            ignored, with a warning, when ``init_cfg`` already names a checkpoint.
         init_cfg (dict | list[dict], optional): initialisation; ``dict(type='Pretrained',
-            checkpoint=...)`` loads any supported checkpoint format.
+            checkpoint=..., prefix=None, use_ema=False)`` loads any supported checkpoint format.
     """
     family: Optional[str] = None
 
@@ -181,8 +186,9 @@ class MetaFormer(BaseModule):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 pretrained: Optional[str] = None,
                  init_cfg=dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.)):
-        super().__init__(init_cfg=copy.deepcopy(init_cfg))
+        super().__init__(init_cfg=self._merge_pretrained(pretrained, copy.deepcopy(init_cfg)))
         self.arch_settings = self.resolve_arch(arch)
         a = self.arch_settings
         self.depths, self.dims = tuple(a['depths']), tuple(a['dims'])
@@ -220,6 +226,16 @@ class MetaFormer(BaseModule):
             norm = build_norm_layer(out_norm, self.dims[i])[1] if out_norm else nn.Identity()
             self.add_module(f'norm{i}', norm)
         self._freeze_stages()
+
+    @staticmethod
+    def _merge_pretrained(pretrained, init_cfg):
+        if pretrained is None:
+            return init_cfg
+        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+            warnings.warn(f'pretrained={pretrained!r} is ignored: init_cfg already loads '
+                          f'{init_cfg.get("checkpoint")!r}')
+            return init_cfg
+        return dict(type='Pretrained', checkpoint=pretrained)
 
     @classmethod
     def resolve_arch(cls, arch: Union[str, dict]) -> dict:
