@@ -5,6 +5,8 @@ timm's MetaFormer (which equals the official code) is the reference: a timm-form
 from a timm model with random weights is loaded through the backbone's ``init_cfg``, and the raw
 stage outputs are compared with timm's ``features_only`` model loading the same file.
 """
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -17,6 +19,7 @@ import mmmetaformer  # noqa: F401
 from mmmetaformer.analysis import count_macs
 from mmmetaformer.models import ARCHS, MetaFormer
 
+ROOT = Path(__file__).resolve().parents[1]
 TIMM_MODELS = [name for name in ARCHS if not name.startswith(('identityformer', 'randformer'))]
 SIZES = [(224, 224), (160, 96)]
 
@@ -161,13 +164,12 @@ def test_matches_timm_generic_metaformer(name, tmp_path):
 def test_params_and_macs(name):
     """Parameters with the 1000-class classifier equal the official checkpoint's; MACs at
     224x224 (attention matmuls counted) are within 2% of the papers' tables."""
-    from mmpretrain.registry import MODELS
-    family, size = name.split('_')
-    cfg_path = f'configs/imagenet/{name}_in1k.py'
     from mmengine.config import Config
-    cfg = Config.fromfile(cfg_path).model
-    cfg.backbone.init_cfg = None
-    classifier = MODELS.build(cfg).eval()
+    from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS
+    cfg = Config.fromfile(f'{ROOT}/configs/imagenet/{name}_in1k.py').model
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        classifier = MODELS.build(cfg).eval()
     params, macs = REFERENCE[name]
     assert sum(p.numel() for p in classifier.parameters()) == params
     measured = count_macs(classifier, torch.zeros(1, 3, 224, 224), mode='tensor') / 1e9
