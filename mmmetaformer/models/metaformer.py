@@ -228,10 +228,14 @@ class MetaFormer(BaseModule):
         self._freeze_stages()
 
     @staticmethod
-    def _merge_pretrained(pretrained, init_cfg):
+    def _loads_checkpoint(init_cfg) -> bool:
+        return isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained'
+
+    @classmethod
+    def _merge_pretrained(cls, pretrained, init_cfg):
         if pretrained is None:
             return init_cfg
-        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+        if cls._loads_checkpoint(init_cfg):
             warnings.warn(f'pretrained={pretrained!r} is ignored: init_cfg already loads '
                           f'{init_cfg.get("checkpoint")!r}')
             return init_cfg
@@ -279,7 +283,7 @@ class MetaFormer(BaseModule):
         return out_indices
 
     def init_weights(self):
-        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+        if self._loads_checkpoint(self.init_cfg):
             from ..checkpoints import load_pretrained
             load_pretrained(self, self.init_cfg['checkpoint'], self.init_cfg.get('prefix'),
                             use_ema=self.init_cfg.get('use_ema', False))
