@@ -7,7 +7,9 @@ from timm.layers import DropPath
 import mmmetaformer  # noqa: F401
 from mmmetaformer.models import (ARCHS, CAFormer, ConvFormer, IdentityFormer, MetaFormer,
                                  PoolFormer, PoolFormerV2, RandFormer)
-from mmmetaformer.models.mixers import Attention, RandomMixing, resample_mixing_matrix
+from mmmetaformer.models.layers import PointwiseLinear, StarReLU
+from mmmetaformer.models.mixers import (Attention, Pooling, RandomMixing,
+                                        resample_mixing_matrix)
 
 FAMILIES = [(PoolFormer, 's12'), (PoolFormerV2, 's12'), (IdentityFormer, 's12'),
             (RandFormer, 's12'), (ConvFormer, 's18'), (CAFormer, 's18')]
@@ -120,6 +122,35 @@ def test_with_cp_matches_plain(cls):
         sum(o.square().mean() for o in out).backward()
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_star_relu_formula_and_gradients():
+    """StarReLU (own backward pass) against the paper's ``s * relu(x) ** 2 + b``."""
+    act = StarReLU(scale_value=0.8, bias_value=-0.3).double()
+    x = torch.randn(2, 5, 6, 7, dtype=torch.double, requires_grad=True)
+    torch.testing.assert_close(act(x), act.scale * F.relu(x) ** 2 + act.bias, rtol=0, atol=1e-15)
+    assert torch.autograd.gradcheck(
+        lambda x, s, b: torch.func.functional_call(act, {'scale': s, 'bias': b}, (x, )),
+        (x, act.scale, act.bias))
+
+
+@pytest.mark.parametrize('size', [(7, 9), (1, 1), (2, 5)])
+def test_pooling_is_average_pooling_minus_input(size):
+    """PoolFormer's mixer against ``AvgPool2d(3, 1, 1, count_include_pad=False)(x) - x``."""
+    x = torch.randn(2, *size, 6, dtype=torch.double, requires_grad=True)
+    nchw = x.permute(0, 3, 1, 2)
+    expected = (F.avg_pool2d(nchw, 3, 1, 1, count_include_pad=False) - nchw).permute(0, 2, 3, 1)
+    pool = Pooling(6).double()
+    torch.testing.assert_close(pool(x), expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(pool, (x, ))
+
+
+def test_pointwise_linear_is_linear():
+    layer = PointwiseLinear(6, 10)
+    x = torch.randn(2, 5, 7, 6)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    x64 = x.double().requires_grad_()
+    assert torch.autograd.gradcheck(layer.double(), (x64, ))
 
 
 def test_drop_path_schedule():

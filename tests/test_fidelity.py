@@ -17,6 +17,7 @@ from timm.models.metaformer import MetaFormer as TimmMetaFormer
 
 import mmmetaformer  # noqa: F401
 from mmmetaformer.analysis import count_macs
+from mmmetaformer.checkpoints import convert_to_canonical
 from mmmetaformer.models import ARCHS, MetaFormer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,3 +175,50 @@ def test_params_and_macs(name):
     assert sum(p.numel() for p in classifier.parameters()) == params
     measured = count_macs(classifier, torch.zeros(1, 3, 224, 224), mode='tensor') / 1e9
     assert abs(measured / macs - 1) <= 0.02, f'{measured:.3f}G vs {macs}G'
+
+
+def timm_reference(name):
+    """timm's model of ``name`` with its four stage outputs, or the generic one (IdentityFormer,
+    RandFormer)."""
+    if name.startswith(('identityformer', 'randformer')):
+        return Intermediates(timm_generic_reference(name))
+    return Intermediates(timm.create_model(name))
+
+
+@pytest.mark.parametrize('name', [n for n in ARCHS if smallest(n)])
+def test_training_gradients_match_timm(name, tmp_path):
+    """Training (fp64): every parameter gradient equals the reference's to 1e-6 of its largest
+    value, which checks the backward passes of the fused ops (StarReLU, pooling, scaled residual
+    adds); a wrong term shows as an O(1) difference. (PyTorch's GroupNorm kernel for
+    channels-last input alone differs from the NCHW one by ~1e-8 relative in fp64.)"""
+    torch.manual_seed(0)
+    reference = timm_reference(name)
+    randomize(reference.model)
+    path = tmp_path / 'model.safetensors'
+    save_file(reference.model.state_dict(), str(path))
+    ours = load_ours(name, path)
+    size = 224 if name.startswith('randformer') else 96  # its matrices: 224x224 grid only
+    x = torch.randn(1, 3, size, size, dtype=torch.double)
+    for model in (reference, ours):
+        outs = model.double().train()(x)
+        weights = [torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(i))
+                   for i, out in enumerate(outs)]
+        sum((out * w).sum() for out, w in zip(outs, weights)).backward()
+    grads = {'backbone.' + k: p.grad for k, p in reference.model.named_parameters()
+             if p.grad is not None}
+    expected, _ = convert_to_canonical(grads)
+    actual = {'backbone.' + k: p.grad for k, p in ours.named_parameters()
+              if p.grad is not None}
+    assert sorted(actual) == sorted(expected)
+    for key, grad in expected.items():
+        bound = 1e-6 * max(1., grad.abs().max().item())
+        assert (actual[key] - grad).abs().max() <= bound, key
+
+
+def test_pooling_is_not_counted():
+    """As in the papers' figures, pooling adds no MACs: PoolFormer (v1, v2) and IdentityFormer
+    of the same size count the same."""
+    x = torch.zeros(1, 3, 224, 224)
+    macs = {family: count_macs(MetaFormer(arch=f'{family}_s12', out_norm=None, init_cfg=None), x)
+            for family in ('poolformer', 'poolformerv2', 'identityformer')}
+    assert len(set(macs.values())) == 1, macs

@@ -11,6 +11,56 @@ import torch.nn.functional as F
 from ..registry import MODELS
 
 
+class PointwiseLinear(nn.Linear):
+    """``nn.Linear`` over the channels of a channels-last (B, H, W, C) tensor.
+
+    On CPU it runs as a 1x1 convolution of the channels_last NCHW view of ``x``: oneDNN computes
+    that 2-3x faster than the BLAS GEMM behind ``F.linear``, forward and backward (README,
+    "Benchmark"). Same parameters (2-D weight), same result up to float rounding.
+    """
+
+    def forward(self, x):
+        if x.device.type != 'cpu' or x.dim() != 4:
+            return super().forward(x)
+        weight = self.weight[:, :, None, None]
+        return F.conv2d(x.permute(0, 3, 1, 2), weight, self.bias).permute(0, 2, 3, 1)
+
+
+class Mlp(nn.Module):
+    """The block's channel MLP: ``fc2(act(fc1(x)))`` on a channels-last tensor."""
+
+    def __init__(self, dim: int, hidden: int, act_layer, bias: bool = True):
+        super().__init__()
+        self.fc1 = PointwiseLinear(dim, hidden, bias=bias)
+        self.act = act_layer()
+        self.fc2 = PointwiseLinear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _StarReLUFunction(torch.autograd.Function):
+    """``scale * relu(x) ** 2 + bias`` computed in one new tensor, saving only ``x`` for the
+    backward pass (which recomputes ``relu(x)``)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, bias):
+        ctx.save_for_backward(x, scale)
+        return F.relu(x).square_().mul_(scale).add_(bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale = ctx.saved_tensors
+        relu = F.relu(x)
+        grad_scale = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad * relu).mul_(relu).sum().reshape(1).to(scale.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum().reshape(1).to(scale.dtype)
+        grad_x = relu.mul_(grad).mul_(2 * scale) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_scale, grad_bias
+
+
 class StarReLU(nn.Module):
     """StarReLU: ``s * relu(x) ** 2 + b`` with learnable scalars s (init 1) and b (init 0)."""
 
@@ -20,7 +70,7 @@ class StarReLU(nn.Module):
         self.bias = nn.Parameter(torch.full((1,), bias_value))
 
     def forward(self, x):
-        return torch.addcmul(self.bias, self.scale, F.relu(x).square())
+        return _StarReLUFunction.apply(x, self.scale, self.bias)
 
 
 class SquaredReLU(nn.Module):

@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
 from ..registry import MODELS
-from .layers import GroupNorm1, Scale, StarReLU
+from .layers import GroupNorm1, Mlp, Scale, StarReLU
 from .mixers import MIXERS
 
 S_DIMS = (64, 128, 320, 512)
@@ -119,15 +119,26 @@ class MetaFormerBlock(nn.Module):
         self.layer_scale1 = scale(layer_scale_init)
         self.res_scale1 = scale(res_scale_init)
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, 4 * dim, act_layer=mlp_act, bias=mlp_bias)
+        self.mlp = Mlp(dim, 4 * dim, mlp_act, bias=mlp_bias)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.layer_scale2 = scale(layer_scale_init)
         self.res_scale2 = scale(res_scale_init)
 
+    @staticmethod
+    def _residual(x, branch, res_scale, layer_scale):
+        """``res_scale(x) + layer_scale(branch)`` in one elementwise op (a block has one scale
+        or none)."""
+        if isinstance(layer_scale, Scale):
+            return torch.addcmul(res_scale(x), branch, layer_scale.scale)
+        if isinstance(res_scale, Scale):
+            return torch.addcmul(branch, x, res_scale.scale)
+        return branch + x
+
     def forward(self, x):
-        x = self.res_scale1(x) + self.layer_scale1(
-            self.drop_path1(self.token_mixer(self.norm1(x))))
-        return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+        x = self._residual(x, self.drop_path1(self.token_mixer(self.norm1(x))),
+                           self.res_scale1, self.layer_scale1)
+        return self._residual(x, self.drop_path2(self.mlp(self.norm2(x))),
+                              self.res_scale2, self.layer_scale2)
 
 
 class MetaFormerStage(nn.Module):

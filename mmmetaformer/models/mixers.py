@@ -6,19 +6,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import StarReLU
+from .layers import PointwiseLinear, StarReLU
 
 
 class Pooling(nn.Module):
-    """PoolFormer's mixer: ``avgpool3x3(x) - x`` (padding not counted in the average)."""
+    """PoolFormer's mixer: ``avgpool3x3(x) - x`` (padding not counted in the average).
 
-    def __init__(self, pool_size: int = 3):
+    The window sums run as a depthwise convolution with a weight of ones, which oneDNN computes
+    several times faster than ``avg_pool2d``, and are then divided by the window sizes.
+    """
+
+    def __init__(self, dim: int, pool_size: int = 3):
         super().__init__()
-        self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2,
-                                 count_include_pad=False)
+        self.padding = pool_size // 2
+        self.register_buffer('ones', torch.ones(dim, 1, pool_size, pool_size), persistent=False)
 
     def forward(self, x):
-        return self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) - x
+        x = x.permute(0, 3, 1, 2)
+        counts = F.conv2d(x.new_ones(1, 1, *x.shape[2:]), self.ones[:1], padding=self.padding)
+        sums = F.conv2d(x, self.ones, padding=self.padding, groups=x.shape[1])
+        return sums.div_(counts).sub_(x).permute(0, 2, 3, 1)
 
 
 class SepConv(nn.Module):
@@ -27,11 +34,11 @@ class SepConv(nn.Module):
     def __init__(self, dim: int, expansion_ratio: float = 2, kernel_size: int = 7):
         super().__init__()
         hidden = int(expansion_ratio * dim)
-        self.pwconv1 = nn.Linear(dim, hidden, bias=False)
+        self.pwconv1 = PointwiseLinear(dim, hidden, bias=False)
         self.act1 = StarReLU()
         self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2,
                                 groups=hidden, bias=False)
-        self.pwconv2 = nn.Linear(hidden, dim, bias=False)
+        self.pwconv2 = PointwiseLinear(hidden, dim, bias=False)
 
     def forward(self, x):
         x = self.act1(self.pwconv1(x))
@@ -47,8 +54,8 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.num_heads = max(dim // head_dim, 1)
         inner = self.num_heads * head_dim
-        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.proj = nn.Linear(inner, dim, bias=False)
+        self.qkv = PointwiseLinear(dim, 3 * inner, bias=False)
+        self.proj = PointwiseLinear(inner, dim, bias=False)
 
     def forward(self, x):
         B, H, W, _ = x.shape
@@ -113,7 +120,7 @@ class RandomMixing(nn.Module):
 # Token mixer builders by name: (stage width, native token count at 224x224) -> module.
 MIXERS = {
     'identity': lambda dim, tokens: nn.Identity(),
-    'pooling': lambda dim, tokens: Pooling(),
+    'pooling': lambda dim, tokens: Pooling(dim),
     'random': lambda dim, tokens: RandomMixing(tokens),
     'sepconv': lambda dim, tokens: SepConv(dim),
     'attention': lambda dim, tokens: Attention(dim),
