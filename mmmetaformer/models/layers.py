@@ -46,7 +46,8 @@ class _StarReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, bias):
         ctx.save_for_backward(x, scale)
-        return F.relu(x).square_().mul_(scale).add_(bias)
+        # scale and bias in x's dtype (autocast): in-place ops with mixed dtypes copy
+        return F.relu(x).square_().mul_(scale.to(x.dtype)).add_(bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
@@ -57,7 +58,7 @@ class _StarReLUFunction(torch.autograd.Function):
             grad_scale = (grad * relu).mul_(relu).sum().reshape(1).to(scale.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum().reshape(1).to(scale.dtype)
-        grad_x = relu.mul_(grad).mul_(2 * scale) if ctx.needs_input_grad[0] else None
+        grad_x = relu.mul_(grad).mul_(2 * scale.to(x.dtype)) if ctx.needs_input_grad[0] else None
         return grad_x, grad_scale, grad_bias
 
 

@@ -13,7 +13,8 @@ class Pooling(nn.Module):
     """PoolFormer's mixer: ``avgpool3x3(x) - x`` (padding not counted in the average).
 
     The window sums run as a depthwise convolution with a weight of ones, which oneDNN computes
-    several times faster than ``avg_pool2d``, and are then divided by the window sizes.
+    several times faster than ``avg_pool2d`` in training, and are then divided by the window
+    sizes. Like ``avg_pool2d``, it runs in the input's dtype under autocast.
     """
 
     def __init__(self, dim: int, pool_size: int = 3):
@@ -23,8 +24,10 @@ class Pooling(nn.Module):
 
     def forward(self, x):
         x = x.permute(0, 3, 1, 2)
-        counts = F.conv2d(x.new_ones(1, 1, *x.shape[2:]), self.ones[:1], padding=self.padding)
-        sums = F.conv2d(x, self.ones, padding=self.padding, groups=x.shape[1])
+        ones = self.ones.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            counts = F.conv2d(x.new_ones(1, 1, *x.shape[2:]), ones[:1], padding=self.padding)
+            sums = F.conv2d(x, ones, padding=self.padding, groups=x.shape[1])
         return sums.div_(counts).sub_(x).permute(0, 2, 3, 1)
 
 
