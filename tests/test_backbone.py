@@ -132,6 +132,13 @@ def test_star_relu_formula_and_gradients():
     assert torch.autograd.gradcheck(
         lambda x, s, b: torch.func.functional_call(act, {'scale': s, 'bias': b}, (x, )),
         (x, act.scale, act.bias))
+    act.inplace = True  # the same result, written into x, when no gradients are recorded
+    expected = act.scale.detach() * F.relu(x.detach()) ** 2 + act.bias.detach()
+    with torch.no_grad():
+        y = x.detach().clone()
+        assert act(y) is y
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-15)
+    assert act(x).grad_fn is not None and x.requires_grad  # with gradients: not in place
 
 
 @pytest.mark.parametrize('size', [(7, 9), (1, 1), (2, 5)])
@@ -151,6 +158,24 @@ def test_pointwise_linear_is_linear():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     x64 = x.double().requires_grad_()
     assert torch.autograd.gradcheck(layer.double(), (x64, ))
+
+
+@pytest.mark.parametrize('cls', [cls for cls, _ in FAMILIES])
+def test_bf16_autocast(cls):
+    """Under bf16 autocast the features stay within bf16 rounding of fp32's, and the backward
+    pass gives fp32 gradients for every parameter."""
+    torch.manual_seed(0)
+    model = cls(arch=TINY).train()
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outs = model(x)
+    for e, o in zip(expected, outs):
+        assert (o.float() - e).abs().max() <= 0.05 * e.abs().max()
+    sum(o.float().square().mean() for o in outs).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == torch.float32, name
 
 
 def test_drop_path_schedule():

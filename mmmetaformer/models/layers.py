@@ -39,15 +39,20 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _scaled_square_(relu, scale, bias):
+    """``scale * relu ** 2 + bias`` written into ``relu`` (scale and bias cast to its dtype:
+    in-place ops on mixed dtypes, as under autocast, would copy)."""
+    return relu.square_().mul_(scale.to(relu.dtype)).add_(bias.to(relu.dtype))
+
+
 class _StarReLUFunction(torch.autograd.Function):
-    """``scale * relu(x) ** 2 + bias`` computed in one new tensor, saving only ``x`` for the
-    backward pass (which recomputes ``relu(x)``)."""
+    """StarReLU computed in one new tensor, saving only ``x`` for the backward pass (which
+    recomputes ``relu(x)``)."""
 
     @staticmethod
     def forward(ctx, x, scale, bias):
         ctx.save_for_backward(x, scale)
-        # scale and bias in x's dtype (autocast): in-place ops with mixed dtypes copy
-        return F.relu(x).square_().mul_(scale.to(x.dtype)).add_(bias.to(x.dtype))
+        return _scaled_square_(F.relu(x), scale, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -63,14 +68,21 @@ class _StarReLUFunction(torch.autograd.Function):
 
 
 class StarReLU(nn.Module):
-    """StarReLU: ``s * relu(x) ** 2 + b`` with learnable scalars s (init 1) and b (init 0)."""
+    """StarReLU: ``s * relu(x) ** 2 + b`` with learnable scalars s (init 1) and b (init 0).
 
-    def __init__(self, scale_value: float = 1.0, bias_value: float = 0.0):
+    ``inplace=True`` overwrites ``x`` when no gradients are recorded (inference), as the
+    blocks do with the fresh output of their pointwise layer.
+    """
+
+    def __init__(self, scale_value: float = 1.0, bias_value: float = 0.0, inplace: bool = False):
         super().__init__()
+        self.inplace = inplace
         self.scale = nn.Parameter(torch.full((1,), scale_value))
         self.bias = nn.Parameter(torch.full((1,), bias_value))
 
     def forward(self, x):
+        if self.inplace and not torch.is_grad_enabled():
+            return _scaled_square_(x.relu_(), self.scale, self.bias)
         return _StarReLUFunction.apply(x, self.scale, self.bias)
 
 

@@ -212,7 +212,7 @@ class MetaFormer(BaseModule):
         self.norm_eval = norm_eval
 
         norm_layer = _norm_layer(a['norm'], a['norm_eps'], a['norm_bias'])
-        mlp_act = {'starrelu': StarReLU, 'gelu': nn.GELU}[a['mlp_act']]
+        mlp_act = {'starrelu': partial(StarReLU, inplace=True), 'gelu': nn.GELU}[a['mlp_act']]
         self.stem = Downsample(in_channels, self.dims[0], 7, 4, 2, norm=a['downsample_norm'],
                                norm_first=False)
         total = sum(self.depths)

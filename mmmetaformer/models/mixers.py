@@ -38,7 +38,7 @@ class SepConv(nn.Module):
         super().__init__()
         hidden = int(expansion_ratio * dim)
         self.pwconv1 = PointwiseLinear(dim, hidden, bias=False)
-        self.act1 = StarReLU()
+        self.act1 = StarReLU(inplace=True)
         self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2,
                                 groups=hidden, bias=False)
         self.pwconv2 = PointwiseLinear(hidden, dim, bias=False)
