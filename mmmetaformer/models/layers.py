@@ -1,8 +1,8 @@
 """Small layers shared by the MetaFormer blocks and heads.
 
 Inside the stages tensors are channels-last (B, H, W, C), as in the official code: Linear
-layers act on the last dim and 2-D ops (convs, pooling) run on a permuted view, which PyTorch
-treats as a channels_last NCHW tensor without copying.
+layers act on the last dim (on CPU as 1x1 convs, see :class:`PointwiseLinear`) and 2-D ops run
+on a permuted view, which PyTorch treats as a channels_last NCHW tensor without copying.
 """
 import torch
 import torch.nn as nn
