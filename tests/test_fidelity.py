@@ -201,7 +201,8 @@ def test_training_gradients_match_timm(name, tmp_path):
     x = torch.randn(1, 3, size, size, dtype=torch.double)
     for model in (reference, ours):
         outs = model.double().train()(x)
-        weights = [torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(i))
+        weights = [torch.randn(out.shape, dtype=out.dtype,
+                               generator=torch.Generator().manual_seed(i))
                    for i, out in enumerate(outs)]
         sum((out * w).sum() for out, w in zip(outs, weights)).backward()
     grads = {'backbone.' + k: p.grad for k, p in reference.model.named_parameters()
