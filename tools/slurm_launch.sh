@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# srun for a script of tools/, one task per GPU; slurm_train.sh and slurm_test.sh call it:
+#   [GPUS=8] [GPUS_PER_NODE=8] [CPUS_PER_TASK=5] [SRUN_ARGS=...] \
+#   tools/slurm_launch.sh PARTITION JOB_NAME SCRIPT [SCRIPT arguments]
+# PYTHON selects the interpreter (default: python).
+set -euxo pipefail
+PARTITION=$1
+JOB_NAME=$2
+SCRIPT=$3
+GPUS=${GPUS:-8}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+CPUS_PER_TASK=${CPUS_PER_TASK:-5}
+SRUN_ARGS=${SRUN_ARGS:-}
+TOOLS="$(cd "$(dirname "$0")" && pwd)"
+
+PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}" \
+srun -p "$PARTITION" \
+    --job-name="$JOB_NAME" \
+    --gres=gpu:"$GPUS_PER_NODE" \
+    --ntasks="$GPUS" \
+    --ntasks-per-node="$GPUS_PER_NODE" \
+    --cpus-per-task="$CPUS_PER_TASK" \
+    --kill-on-bad-exit=1 \
+    $SRUN_ARGS \
+    "${PYTHON:-python}" -u "$TOOLS/$SCRIPT" "${@:4}"
