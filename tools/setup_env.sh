@@ -22,7 +22,7 @@ BUILD_PINS=("setuptools<81" wheel ninja)
 MMCV_VERSION=2.1.0
 STACK_PINS=(
   mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0
-  timm==1.0.22 pycocotools ftfy regex pytest
+  timm==1.0.22 pycocotools ftfy regex pytest onnx onnxruntime onnxscript
 )
 
 stamp_inputs() {
