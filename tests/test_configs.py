@@ -78,7 +78,64 @@ def test_zoo_config_recipe(name):
     dims = list(ARCHS[f'{family}_{size}']['dims'])
     head_widths = cfg.model.decode_head.in_channels if 'upernet' in name else \
         cfg.model.neck.in_channels
-    assert list(head_widths) == dims
+    returned = [dims[i] for i in backbone.get('out_indices', range(4))]
+    assert list(head_widths) == returned
+    official = generate.official_poolformer(family, recipe)
+    assert backbone.drop_path_rate == (0. if official else generate.FAMILIES[family][1][size][1])
+
+
+OFFICIAL = sorted(name for name, (recipe, family, _) in ZOO.items()
+                  if generate.official_poolformer(family, recipe))
+
+
+def _steps(pipeline):
+    return [{k: v for k, v in step.items() if k != '_scope_'} for step in pipeline]
+
+
+@pytest.mark.parametrize('name', OFFICIAL)
+def test_poolformer_config_is_official_protocol(name):
+    """The official sail-sg/poolformer settings (detection/ on mmdet 2.19, segmentation/ on
+    mmseg 0.19), in their mmdet 3 / mmseg 1 form."""
+    cfg = load(name)
+    backbone, neck = cfg.model.backbone, cfg.model.neck
+    assert backbone.drop_path_rate == 0. and backbone.get('frozen_stages', -1) == -1
+    assert backbone.get('out_norm', 'default') == 'default'  # GroupNorm(1), eps 1e-5
+    assert cfg.optim_wrapper.type == 'OptimWrapper' and 'clip_grad' not in cfg.optim_wrapper
+    assert cfg.optim_wrapper.optimizer.get('betas', (0.9, 0.999)) == (0.9, 0.999)
+    train, test = _steps(cfg.train_dataloader.dataset.get('pipeline') or
+                         cfg.train_dataloader.dataset.dataset.pipeline), \
+        _steps(cfg.test_dataloader.dataset.pipeline)
+    if name.startswith('coco/'):
+        assert neck.out_channels == 256 and neck.num_outs == 5
+        if 'retinanet' in name:  # official: start_level=1 over 4 outputs, norm0 unused
+            assert tuple(backbone.out_indices) == (1, 2, 3) and neck.start_level == 0
+            assert neck.add_extra_convs == 'on_input'
+        else:
+            assert tuple(backbone.get('out_indices', (0, 1, 2, 3))) == (0, 1, 2, 3)
+            assert neck.get('start_level', 0) == 0
+        assert dict(type='Resize', scale=(1333, 800), keep_ratio=True) in train + test
+        assert dict(type='RandomFlip', prob=0.5) in train
+        assert cfg.model.data_preprocessor.pad_size_divisor == 32
+        assert cfg.train_dataloader.batch_size == 2 and cfg.auto_scale_lr.base_batch_size == 16
+        warmup, steps = cfg.param_scheduler
+        assert (warmup.type, warmup.start_factor, warmup.end, warmup.by_epoch) == \
+            ('LinearLR', 0.001, 500, False)
+        assert (steps.type, steps.milestones, steps.gamma) == ('MultiStepLR', [8, 11], 0.1)
+        assert cfg.train_cfg.max_epochs == 12 and cfg.train_cfg.val_interval == 1
+        assert cfg.default_hooks.checkpoint.interval == 1
+    else:
+        assert neck.num_outs == 4 and cfg.model.decode_head.num_classes == 150
+        assert dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0),
+                    keep_ratio=True) in train
+        assert dict(type='RandomCrop', crop_size=(512, 512), cat_max_ratio=0.75) in train
+        assert dict(type='PhotoMetricDistortion') in train
+        assert [s['type'] for s in test][1:3] == ['Resize', 'ResizeToMultiple']
+        assert test[1]['scale'] == (2048, 512) and test[2]['size_divisor'] == 32
+        assert cfg.train_dataloader.batch_size == 4 and cfg.auto_scale_lr.base_batch_size == 32
+        (poly,) = cfg.param_scheduler
+        assert (poly.type, poly.power, poly.eta_min, poly.end) == ('PolyLR', 0.9, 0., 40000)
+        assert cfg.train_cfg.max_iters == 40000 and cfg.train_cfg.val_interval == 4000
+        assert cfg.default_hooks.checkpoint.interval == 4000
 
 
 def _dummy_batch(scope, size, num=1):
