@@ -191,3 +191,22 @@ def test_mmpretrain_imagenet_and_custom_dataset(data):
     assert len(by_folders) == len(IMAGENET_CLASSES) and by_folders.CLASSES == IMAGENET_WNIDS
     assert [by_folders.get_data_info(i)['gt_label'] for i in range(4)] == [0, 1, 2, 3]
     assert sample['img'].shape == (48, 48, 3) and sample['gt_label'] == 0
+
+
+@pytest.mark.parametrize('kind', IMAGENET_CLASSES)
+def test_shapes_of_one_size_have_one_area(kind):
+    """Every class comes in the same sizes: a shape drawn at radius r has the area of a
+    circle of radius r (cv2's polygon area; the circle is a 32-gon)."""
+    radius = 30.0
+    poly = demo_data._polygon(kind, radius, angle=0.3).astype(np.float32)
+    assert cv2.contourArea(poly) == pytest.approx(np.pi * radius ** 2, rel=0.01)
+
+
+def test_write_all_replaces_an_older_demo_version(tmp_path, tiny_write_all):
+    write_all(str(tmp_path))
+    marker = tmp_path / 'coco' / demo_data.COMPLETE_MARKER
+    marker.write_text('1')  # written by an older version of the writers
+    (tmp_path / 'coco/stale.txt').write_text('')
+    write_all(str(tmp_path))
+    assert marker.read_text() == demo_data.DATA_VERSION
+    assert not (tmp_path / 'coco/stale.txt').exists()

@@ -20,26 +20,35 @@ ADE20K_LABELS = {1: 'wall', 2: 'building', 3: 'sky', 4: 'floor'}
 ADE20K_BACKGROUND = 1  # 'wall'; shapes use 2 (square), 3 (circle), 4 (triangle)
 IMAGENET_CLASSES = ('circle', 'square', 'triangle', 'cross')
 IMAGENET_WNIDS = ('n00000001', 'n00000002', 'n00000003', 'n00000004')
-COMPLETE_MARKER = '.complete'
+COMPLETE_MARKER = '.complete'  # holds DATA_VERSION
+DATA_VERSION = '2'  # bumped when the writers change: older demo datasets are rewritten
 
 _BGR = {'circle': (40, 40, 220), 'square': (40, 190, 40),
         'triangle': (210, 90, 30), 'cross': (30, 200, 230)}
 _ADE20K_SHAPE_LABELS = {'square': 2, 'circle': 3, 'triangle': 4}
 
 
+def _area(pts):
+    """Area of a simple polygon (shoelace formula)."""
+    x, y = pts[:, 0], pts[:, 1]
+    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+
+
 def _polygon(kind, radius, angle):
-    """Vertices (N, 2) of a shape centred at the origin, rotated by ``angle``."""
+    """Vertices (N, 2) of a shape centred at the origin, rotated by ``angle``, with the area
+    of a circle of ``radius`` (so that every class comes in the same range of sizes)."""
     if kind == 'circle':
         t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
         return radius * np.stack([np.cos(t), np.sin(t)], 1)
     if kind == 'cross':
-        a, w = radius, radius * 0.35
+        a, w = 1, 0.35
         pts = np.array([(w, a), (w, w), (a, w), (a, -w), (w, -w), (w, -a),
                         (-w, -a), (-w, -w), (-a, -w), (-a, w), (-w, w), (-w, a)])
     else:
         n = {'square': 4, 'triangle': 3}[kind]
         t = np.arange(n) * 2 * np.pi / n
-        pts = radius * np.stack([np.cos(t), np.sin(t)], 1)
+        pts = np.stack([np.cos(t), np.sin(t)], 1)
+    pts = pts * radius * np.sqrt(np.pi / _area(pts))
     c, s = np.cos(angle), np.sin(angle)
     return pts @ np.array([[c, s], [-s, c]])
 
@@ -108,7 +117,7 @@ def write_coco_demo(root, num_train=64, num_val=16, image_size=(320, 256), max_o
             images.append(dict(id=img_id, file_name=file_name, width=image_size[0], height=image_size[1]))
             for kind, poly in objects:
                 x, y = poly[:, 0], poly[:, 1]
-                area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+                area = _area(poly)
                 annotations.append(dict(
                     id=len(annotations) + 1, image_id=img_id, category_id=COCO_CLASSES.index(kind) + 1,
                     segmentation=[poly.ravel().tolist()], area=round(float(area), 2),
@@ -146,7 +155,7 @@ def write_imagenet_demo(root, num_train_per_class=16, num_val_per_class=4, image
         lines = []
         for label, (wnid, kind) in enumerate(zip(IMAGENET_WNIDS, IMAGENET_CLASSES)):
             for i in range(1, num + 1):
-                img, _ = _scene(rng, (kind,), image_size, 1, scale=(0.45, 0.8))
+                img, _ = _scene(rng, (kind,), image_size, 1, scale=(0.35, 0.6))
                 file_name = f'{wnid}/{wnid}_{i:05d}.JPEG'
                 _imwrite(osp.join(root, split, file_name), img)
                 lines.append(f'{file_name} {label}\n')
@@ -158,9 +167,14 @@ def write_imagenet_demo(root, num_train_per_class=16, num_val_per_class=4, image
 
 
 def _write_once(path, writer):
-    """Run ``writer(tmp_dir)`` and rename the result to ``path`` unless ``path`` is complete."""
-    if osp.exists(osp.join(path, COMPLETE_MARKER)):
-        return
+    """Run ``writer(tmp_dir)`` and rename the result to ``path`` unless ``path`` is complete
+    (an older version's dataset is replaced)."""
+    marker = osp.join(path, COMPLETE_MARKER)
+    if osp.exists(marker):
+        with open(marker) as f:
+            if f.read() == DATA_VERSION:
+                return
+        shutil.rmtree(path)
     if osp.exists(path):
         raise FileExistsError(f'{path} exists but is not a complete demo dataset '
                               f'(no {COMPLETE_MARKER}); remove it and run again')
@@ -169,7 +183,8 @@ def _write_once(path, writer):
     tmp = tempfile.mkdtemp(prefix=f'.{osp.basename(path)}.tmp-', dir=parent)
     try:
         writer(tmp)
-        open(osp.join(tmp, COMPLETE_MARKER), 'w').close()
+        with open(osp.join(tmp, COMPLETE_MARKER), 'w') as f:
+            f.write(DATA_VERSION)
         os.rename(tmp, path)
     except OSError:
         if not osp.exists(osp.join(path, COMPLETE_MARKER)):  # not written concurrently
