@@ -11,11 +11,16 @@ to the *canonical* layout of this project's models:
 
 Nothing in a file is ever run: safetensors files are read with safetensors, everything else
 with ``torch.load(weights_only=True)`` allowing only the inert data types that an mmengine
-``Runner`` checkpoint holds (see :mod:`mmmetaformer.compat`).
+``Runner`` checkpoint holds (see :mod:`mmmetaformer.trust`); tensors are validated before any
+is copied (:func:`validate_tensors`).
 """
+import glob
+import hashlib
 import os
-import pickle
 import re
+import shlex
+import socket
+import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlparse
@@ -23,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 from mmengine.logging import print_log
 
-from .compat import runner_checkpoint_globals
+from . import trust
 from .models.metaformer import ARCHS
 
 #: Supported layouts: name -> (a key only that layout has, description).
@@ -68,6 +73,9 @@ class CheckpointInfo:
 
 # --- reading -----------------------------------------------------------------------------
 
+_SCHEMES = ('http://', 'https://', 'timm://')
+
+
 def read_checkpoint(source: str):
     """The object stored at ``source`` (a path, an http(s) URL, ``timm://<hub name>`` or an
     mmengine file-backend URI), read without running any code from it."""
@@ -77,6 +85,14 @@ def read_checkpoint(source: str):
     if source.startswith(('http://', 'https://')):
         return _read_file(_download_url(source), source)
     if '://' in source:
+        from mmengine.fileio.backends import backends, prefix_to_backends
+        scheme = source.split('://', 1)[0]
+        if scheme not in prefix_to_backends:
+            supported = [*_SCHEMES, *(f'{p}://' for p in prefix_to_backends if p)]
+            raise CheckpointError(
+                f'cannot read {source}: {scheme}:// is not a supported location; use a local '
+                f"path or one of {', '.join(dict.fromkeys(supported))} (mmengine file "
+                f"backends: {', '.join(backends)})")
         from mmengine.fileio import get_local_path
         with get_local_path(source) as path:
             return _read_file(path, source)
@@ -94,22 +110,24 @@ def _read_file(path: str, source: str):
             return load_file(path)
         except Exception as err:
             raise CheckpointError(_unreadable(source, err)) from err
+    if not head.startswith((b'PK\x03\x04', b'\x80')):  # torch: a zip file or a pickle
+        raise CheckpointError(
+            f'cannot read {source}: it is not a checkpoint (neither a PyTorch file nor '
+            f'safetensors; it starts with {head[:8]!r})' if head else
+            f'cannot read {source}: the file is empty')
     try:
-        with runner_checkpoint_globals():
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        if 'weights only load failed' not in str(err).lower():
-            raise CheckpointError(_unreadable(source, err)) from err
-        names = dict.fromkeys(re.findall(r'GLOBAL ([\w.]+)', str(err)))
-        reason = f"it references {', '.join(names)}" if names else 'it holds Python objects'
+        return trust.load(path)
+    except trust.RefusedCheckpoint as err:
+        code = (f"import torch; ck = torch.load({path!r}, map_location='cpu', "
+                "weights_only=False); torch.save(ck.get('state_dict', ck.get('model', ck)), "
+                "'converted.pth')")
         raise CheckpointError(
             f'refused to load {source}: it is a pickle that needs arbitrary Python code to '
-            f'unpickle ({reason}). A checkpoint only needs tensors, so it was not unpickled and '
-            'nothing from it was executed. If you trust the file and where it came from, '
-            're-save just its tensors once and use the result instead:\n'
-            f'  python -c "import torch; ck = torch.load(\'{path}\', map_location=\'cpu\', '
-            "weights_only=False); torch.save(ck.get('state_dict', ck.get('model', ck)), "
-            "'converted.pth')\"\n(or write them with safetensors.torch.save_file).") from None
+            f'unpickle ({err.reason}). A checkpoint only needs tensors, so it was not '
+            'unpickled and nothing from it was executed. If you trust the file and where it '
+            'came from, re-save just its tensors once and use the result instead:\n'
+            f'  python -c {shlex.quote(code)}\n'
+            '(or write them with safetensors.torch.save_file).') from None
     except Exception as err:
         raise CheckpointError(_unreadable(source, err)) from err
 
@@ -122,9 +140,11 @@ def _unreadable(source, err) -> str:
 
 
 def _download_url(url: str) -> str:
-    """Download ``url`` once into torch's hub cache (where mmengine's loader also puts it)."""
+    """Download ``url`` once into torch's hub cache, under a name made from the whole URL."""
     from torch.hub import download_url_to_file, get_dir
-    path = os.path.join(get_dir(), 'checkpoints', os.path.basename(urlparse(url).path))
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    name = f'{digest}-{os.path.basename(urlparse(url).path)}'
+    path = os.path.join(get_dir(), 'checkpoints', name)
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         print_log(f'Downloading {url} to {path}', logger='current')
@@ -136,6 +156,60 @@ def _download_url(url: str) -> str:
                 f'offline, download it elsewhere, copy it to {path} or pass its local '
                 'path instead.') from err
     return path
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save(obj, path)`` through a temporary file in the same folder, renamed when
+    complete: a reader, or a run killed meanwhile, sees the old file or the whole new one."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    os.makedirs(folder or '.', exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(folder or '.'), f'.{glob.escape(name)}.*.tmp')):
+        os.remove(stale)  # left by a save that was killed
+    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def damage(path: str) -> Optional[str]:
+    """What is wrong with the checkpoint file ``path`` ('does not exist', 'is empty', ...), or
+    None: a PyTorch zip file whose members all pass their CRC check (or a legacy pickle)."""
+    if not os.path.isfile(path):
+        return 'does not exist'
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if not head:
+        return 'is empty'
+    if not head.startswith((b'PK\x03\x04', b'\x80')):
+        return f'is not a checkpoint (it starts with {head!r})'
+    if head.startswith(b'\x80'):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f'is incomplete or damaged (an interrupted save?): {err}'
+    return f'is damaged (CRC error in {bad})' if bad else None
+
+
+def intact_checkpoints(folder: str, newest_only: bool = False) -> List[str]:
+    """The ``*.pth`` files in ``folder`` without :func:`damage`, newest first."""
+    files = sorted(glob.glob(os.path.join(glob.escape(folder), '*.pth')), key=os.path.getmtime,
+                   reverse=True)
+    intact = []
+    for path in files:
+        if damage(path) is None:
+            intact.append(path)
+            if newest_only:
+                break
+    return intact
 
 
 def _download_timm(name: str) -> str:
@@ -153,22 +227,42 @@ def _download_timm(name: str) -> str:
             "weights are listed by timm.list_pretrained('*former*'), e.g. "
             'timm://caformer_s18.sail_in22k_ft_in1k')
     hub_id, error = cfg.hf_hub_id, None
+    offline = not _hub_reachable()  # then only the local cache, at once (no 35 s of retries)
     for filename in ('model.safetensors', 'pytorch_model.bin'):
         try:
-            return hf_hub_download(hub_id, filename)
-        except LocalEntryNotFoundError as err:  # offline and not in the local cache
-            error = err
-            break
-        except EntryNotFoundError as err:  # the repo has no file of this name
+            return hf_hub_download(hub_id, filename, local_files_only=offline)
+        except (LocalEntryNotFoundError, EntryNotFoundError) as err:  # not cached / no file
             error = err
         except Exception as err:
             error = err
             break
+    from huggingface_hub import constants
+    reason = f'{constants.ENDPOINT} is out of reach and it is not in the local cache' \
+        if offline else f'{type(error).__name__}: {error}'
     raise CheckpointError(
-        f'cannot fetch timm://{name} from the Hugging Face hub (repo {hub_id}): '
-        f'{type(error).__name__}: {error}\nIf this machine is offline, download '
-        f'https://huggingface.co/{hub_id}/resolve/main/model.safetensors on a connected one '
-        'and pass its local path instead (or copy its Hugging Face cache).')
+        f'cannot fetch timm://{name} from the Hugging Face hub (repo {hub_id}): {reason}\n'
+        f'If this machine is offline, download https://huggingface.co/{hub_id}/resolve/main/'
+        'model.safetensors on a connected one and pass its local path instead (or copy its '
+        'Hugging Face cache).')
+
+
+def _hub_reachable(timeout: float = 3.) -> bool:
+    """False in huggingface_hub's offline mode or when its endpoint takes no TCP connection
+    within ``timeout`` seconds (name lookup included)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    address = (url.hostname, url.port or (443 if url.scheme == 'https' else 80))
+    pool = ThreadPoolExecutor(1)
+    try:
+        pool.submit(socket.create_connection, address, timeout).result(timeout).close()
+        return True
+    except Exception:
+        return False
+    finally:
+        pool.shutdown(wait=False)
 
 
 def load_checkpoint_file(checkpoint, use_ema: bool = False) -> Tuple[dict, CheckpointInfo]:
@@ -379,7 +473,9 @@ def check_fit(backbone_state: Mapping, expected: Mapping[str, torch.Size], info:
     if not (missing or unexpected or wrong):
         ignored = [k for k in backbone_state if k not in expected]
         info.ignore('output norms the backbone does not have', ignored)
-        return {k: v for k, v in backbone_state.items() if k in expected}
+        fitting = {k: v for k, v in backbone_state.items() if k in expected}
+        validate_tensors(fitting, f'checkpoint {info.describe()}')
+        return fitting
 
     found = describe_backbone(backbone_state)
     guesses = info.arch_guesses
@@ -412,6 +508,45 @@ def check_fit(backbone_state: Mapping, expected: Mapping[str, torch.Size], info:
     lines.append('Nothing was loaded.' if same_arch else 'Nothing was loaded: use the backbone '
                  'arch the checkpoint was trained with, or a checkpoint of this arch.')
     raise CheckpointError('\n'.join(lines))
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """'float', 'integer' or the dtype's name (bool, complex, float8, quantized, ...)."""
+    return 'float' if dtype in _FLOATS else 'integer' if dtype in _INTS else \
+        str(dtype).replace('torch.', '')
+
+
+def validate_tensors(state: Mapping[str, torch.Tensor], source: str,
+                     like: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """Refuse, before anything is copied, tensors that cannot be loaded as they are: not dense
+    (sparse, meta, ...), of another kind of dtype than ``like[key]`` (float16/bfloat16/float32/
+    float64 where ``like`` has no such key: every MetaFormer tensor is a float one), or float
+    tensors holding NaN or Inf. Raises :class:`CheckpointError` naming ``source`` and the
+    tensors."""
+    lines = []
+    for key, t in state.items():
+        want = _kind(like[key].dtype) if like is not None and key in like else 'float'
+        if t.layout != torch.strided or t.device.type == 'meta':
+            lines.append(f'  {key}: a {t.layout} tensor on {t.device.type}, not a dense one')
+        elif _kind(t.dtype) != want:
+            lines.append(f'  {key}: {_kind(t.dtype)} values ({t.dtype}) where {want} values '
+                         'belong')
+    nonfinite = {key: t.numel() - int(torch.isfinite(t).sum()) for key, t in state.items()
+                 if t.layout == torch.strided and t.device.type != 'meta' and t.dtype in _FLOATS
+                 and not torch.isfinite(t).all()}
+    if nonfinite:
+        shown = ', '.join(f'{k} ({n} of {state[k].numel()})' for k, n in
+                          list(nonfinite.items())[:5])
+        more = f' and {len(nonfinite) - 5} more tensors' if len(nonfinite) > 5 else ''
+        lines.append(f'  {sum(nonfinite.values())} NaN/Inf values in {len(nonfinite)} '
+                     f'tensors: {shown}{more}')
+    if lines:
+        raise CheckpointError('\n'.join([f'{source} holds tensors that cannot be loaded:',
+                                         *lines[:8], 'Nothing was loaded.']))
 
 
 def summarize(info: CheckpointInfo) -> str:

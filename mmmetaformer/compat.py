@@ -6,16 +6,19 @@ the patch is narrow, and first checks whether it is still needed (by probing the
 failing behaviour, or against the last affected version); if not, it does nothing.
 ``apply()`` runs them all, idempotently; ``import mmmetaformer`` calls it.
 """
-import contextlib
 import functools
 import importlib.util
 import io
+import logging
+import os
 import pickle
 import types
 import warnings
 
 import numpy as np
 import torch
+
+from . import trust
 
 _MARK = '_mmmetaformer_compat'
 
@@ -37,62 +40,12 @@ def _patch(owner, name, wrapper, *, classmethod_=False):
 # checkpoint that mmengine's own Runner wrote fails with
 #   UnpicklingError: Weights only load failed ... Unsupported global: GLOBAL
 #   mmengine.logging.history_buffer.HistoryBuffer was not an allowed global
-# The message hub state pickles ``HistoryBuffer`` objects holding numpy arrays (numpy
-# ``_reconstruct``/``ndarray``/``dtype``/``scalar``) and, through
-# ``HistoryBuffer.__getstate__``, its statistics functions, which pickle as
-# ``builtins.getattr(HistoryBuffer, 'min')``; the real ``getattr`` cannot be
-# allow-listed, as it would hand a pickle any attribute of any allowed object.
-#
-# Trust rule: no checkpoint is trusted to run code. Every file mmengine loads stays on
-# ``weights_only=True``; only while ``CheckpointLoader.load_checkpoint`` runs, the
-# allow-list is extended by exactly the data types mmengine's ``Runner`` saves. These
-# constructors are inert (they build arrays, dtypes, scalars and a plain
-# ``HistoryBuffer``); the name ``builtins.getattr`` is bound to a stand-in that
-# resolves only ``HistoryBuffer``'s four built-in statistics and refuses anything
-# else. So resume works for checkpoints from any mmengine Runner (this process, an
-# earlier one, another machine) without trusting any path, and a foreign pickle
-# that needs anything else is refused before any of its code runs.
-
-_HISTORY_STATS = frozenset({'min', 'max', 'current', 'mean'})
-
-
-def _history_buffer_getattr(obj, name):
-    """``builtins.getattr`` as seen by checkpoints: only ``HistoryBuffer.<stat>``."""
-    from mmengine.logging import HistoryBuffer
-    if obj is HistoryBuffer and name in _HISTORY_STATS:
-        return getattr(obj, name)
-    raise pickle.UnpicklingError(
-        f'refusing getattr({obj!r}, {name!r}): only the HistoryBuffer statistics '
-        f'{sorted(_HISTORY_STATS)} may be referenced by a checkpoint')
-
-
-def _runner_checkpoint_globals():
-    """The globals a checkpoint written by mmengine's ``Runner`` references."""
-    from mmengine.logging import HistoryBuffer
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # older numpy
-        from numpy.core import multiarray
-    dtypes = {type(np.dtype(code)) for code in np.typecodes['All']}
-    return [HistoryBuffer, np.ndarray, np.dtype, *sorted(dtypes, key=str),
-            (_history_buffer_getattr, 'builtins.getattr')] + [
-        (getattr(multiarray, fn), f'{mod}.multiarray.{fn}')
-        for fn in ('_reconstruct', 'scalar')
-        for mod in ('numpy._core', 'numpy.core')]  # numpy 2 / numpy 1 pickles
-
-
-@contextlib.contextmanager
-def runner_checkpoint_globals():
-    """Let ``torch.load(weights_only=True)`` read mmengine Runner checkpoints here.
-
-    Adds only the globals not allow-listed already, so leaving the block does not
-    remove ones the user added with ``torch.serialization.add_safe_globals``.
-    """
-    known = torch.serialization.get_safe_globals()
-    with torch.serialization.safe_globals(
-            [g for g in _runner_checkpoint_globals() if g not in known]):
-        yield
-
+# (the message hub pickles ``HistoryBuffer`` objects holding numpy arrays). While
+# ``CheckpointLoader.load_checkpoint`` runs, files are read by the trust rule of
+# :mod:`mmmetaformer.trust`: the Runner's numpy and ``HistoryBuffer`` data as validated
+# inert data, nothing else. So resume works for checkpoints from any mmengine Runner,
+# without trusting any path, and a pickle that needs more is refused before any of its
+# code runs, leaving no trace.
 
 def _weights_only_rejects_history_buffer():
     from mmengine.logging import HistoryBuffer
@@ -112,19 +65,15 @@ def _checkpoint_loader_wrapper(load):
 
     def load_checkpoint(cls, filename, map_location=None, logger='current'):
         try:
-            with runner_checkpoint_globals():
-                return load(cls, filename, map_location, logger)
-        except pickle.UnpicklingError as err:
-            if 'Weights only load failed' not in str(err):
-                raise
-            raise pickle.UnpicklingError(
-                f'Refused to load checkpoint {filename!r} with '
-                'torch.load(weights_only=True): it references Python objects '
-                'beyond tensors and the data types mmengine Runner checkpoints '
-                'use, and unpickling those could run arbitrary code. Nothing '
-                'from it was executed. If you trust the file, re-save just its '
-                'tensors (e.g. its "state_dict") and load that instead.\n'
-                f'{err}') from err
+            return trust.inert(lambda: load(cls, filename, map_location, logger), filename)
+        except trust.RefusedCheckpoint as err:
+            raise trust.RefusedCheckpoint(
+                filename, err.reason, f'Refused to load checkpoint {filename!r} with '
+                'torch.load(weights_only=True): it holds more than tensors and the '
+                'data types mmengine Runner checkpoints use, and unpickling it could run '
+                'arbitrary code. Nothing from it was executed. If you trust the file, '
+                're-save just its tensors (e.g. its "state_dict") and load that '
+                f'instead.\n{err.reason}') from None
 
     return load_checkpoint
 
@@ -137,7 +86,136 @@ def _fix_checkpoint_weights_only():
            classmethod_=True)
 
 
-# --- 2. torchrun + gloo on a CPU-only host ------------------------------------------
+# --- 2. mmengine Runner checkpoints: code in meta['config'], non-atomic saves --------
+# mmengine <= 0.10.7:
+# - ``Runner.resume`` passes ``checkpoint['meta']['config']`` to ``Config.fromstring``,
+#   which executes it, only to read ``gpu_ids``: whatever a checkpoint puts there runs.
+#   The Runner's ``load_checkpoint`` now hands back that text reduced to the ``gpu_ids``
+#   assignment, read with ``ast`` (``trust.inert_config``).
+# - ``save_checkpoint`` writes the file in place and ``CheckpointHook`` removes the
+#   checkpoint beyond ``max_keep_ckpts`` (and the previous best) *before* saving the new
+#   one, so a kill during a save leaves no checkpoint. Local saves now go to a temporary
+#   file in the same folder, renamed when complete (``checkpoints.atomic_save``), and the
+#   hook's removals wait until its save is done.
+# - ``--resume`` without a path follows ``last_checkpoint`` even to a damaged file (a
+#   25-frame ``PytorchStreamReader`` traceback): ``find_latest_checkpoint`` now returns
+#   the newest intact checkpoint and says why; ``Runner.resume`` of a damaged file stops
+#   with one line naming it and the intact ones beside it.
+
+def _inert_config_wrapper(load_checkpoint):
+
+    def load_checkpoint_(self, *args, **kwargs):
+        checkpoint = load_checkpoint(self, *args, **kwargs)
+        meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+        if isinstance(meta, dict) and 'config' in meta:
+            meta['config'] = trust.inert_config(meta['config'])
+        return checkpoint
+
+    return load_checkpoint_
+
+
+def _atomic_save_wrapper(save):
+
+    def save_checkpoint(checkpoint, filename, file_client_args=None, backend_args=None):
+        from mmengine.fileio import LocalBackend, get_file_backend
+        if file_client_args is None and isinstance(
+                get_file_backend(filename, backend_args=backend_args), LocalBackend):
+            from .checkpoints import atomic_save
+            return atomic_save(checkpoint, filename)
+        return save(checkpoint, filename, file_client_args, backend_args)
+
+    return save_checkpoint
+
+
+class _DeferredRemovals:
+    """A file backend whose ``remove``/``rmtree`` only note what to remove."""
+
+    def __init__(self, backend):
+        self.backend, self.removals = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def remove(self, path):
+        self.removals.append((self.backend.remove, path))
+
+    def rmtree(self, path):
+        self.removals.append((self.backend.rmtree, path))
+
+
+def _remove_after_save_wrapper(save):
+
+    def save_(self, runner, *args, **kwargs):
+        backend = self.file_backend
+        self.file_backend = deferred = _DeferredRemovals(backend)
+        try:
+            save(self, runner, *args, **kwargs)
+        finally:
+            self.file_backend = backend
+        current = {getattr(self, 'last_ckpt', None), getattr(self, 'best_ckpt_path', None),
+                   *getattr(self, 'best_ckpt_path_dict', {}).values()}
+        for remove, path in deferred.removals:
+            if path not in current and backend.exists(path):
+                remove(path)
+
+    return save_
+
+
+def _intact_latest_wrapper(find_latest):
+
+    def find_latest_checkpoint(path):
+        from .checkpoints import CheckpointError, damage, intact_checkpoints
+        latest = find_latest(path)
+        problem = damage(latest) if latest and '://' not in latest else None
+        if problem is None:
+            return latest
+        intact = intact_checkpoints(os.path.dirname(latest) or path, newest_only=True)
+        if not intact:
+            raise CheckpointError(
+                f'cannot resume: the latest checkpoint {latest} {problem}, and '
+                f'{os.path.dirname(latest) or path} holds no intact checkpoint')
+        from mmengine.logging import print_log
+        print_log(f'The latest checkpoint {latest} {problem}; resuming from {intact[0]}, '
+                  'the newest intact checkpoint', logger='current', level=logging.WARNING)
+        return intact[0]
+
+    return find_latest_checkpoint
+
+
+def _intact_resume_wrapper(resume):
+
+    def resume_(self, filename, *args, **kwargs):
+        from .checkpoints import CheckpointError, damage, intact_checkpoints
+        problem = damage(filename) if '://' not in str(filename) else None
+        if problem is not None:
+            others = [p for p in intact_checkpoints(os.path.dirname(str(filename)) or '.')
+                      if os.path.abspath(p) != os.path.abspath(str(filename))]
+            raise CheckpointError(
+                f'cannot resume from {filename}: it {problem}; ' + (
+                    f"intact checkpoints beside it, newest first: {', '.join(others)}"
+                    if others else 'there is no intact checkpoint beside it'))
+        return resume(self, filename, *args, **kwargs)
+
+    return resume_
+
+
+def _fix_runner_checkpoints():
+    if not _mmengine_at_most('0.10.7'):
+        return
+    from mmengine.hooks import CheckpointHook
+    from mmengine import runner as runner_package
+    from mmengine.runner import Runner, checkpoint
+    from mmengine.runner import runner as runner_module
+    _patch(Runner, 'load_checkpoint', _inert_config_wrapper)
+    _patch(Runner, 'resume', _intact_resume_wrapper)
+    for module in (checkpoint, runner_module, runner_package):  # imported by name
+        _patch(module, 'save_checkpoint', _atomic_save_wrapper)
+    _patch(runner_module, 'find_latest_checkpoint', _intact_latest_wrapper)
+    for name in ('_save_checkpoint_with_step', '_save_best_checkpoint'):
+        _patch(CheckpointHook, name, _remove_after_save_wrapper)
+
+
+# --- 3. torchrun + gloo on a CPU-only host ------------------------------------------
 # mmengine <= 0.10.7 assumes one GPU per process under ``launcher='pytorch'``:
 # ``_init_dist_pytorch`` calls ``torch.cuda.set_device(LOCAL_RANK)`` even for
 # backend='gloo' (RuntimeError: Found no NVIDIA driver on your system), and
@@ -184,7 +262,7 @@ def _fix_cpu_distributed():
     _patch(MMDistributedDataParallel, '__init__', _ddp_init_wrapper)
 
 
-# --- 3. numpy >= 2.4 removed ``np.in1d`` --------------------------------------------
+# --- 4. numpy >= 2.4 removed ``np.in1d`` --------------------------------------------
 # mmpretrain 1.2.0's ``RetrievalRecall`` and ``RetrievalAveragePrecision`` (its
 # ``metrics/retrieval.py``) call ``np.in1d``, deprecated in numpy 2.0 and removed in
 # 2.4: AttributeError: module 'numpy' has no attribute 'in1d'. Only that module gets
@@ -202,7 +280,37 @@ def _fix_retrieval_in1d():
     retrieval.np = numpy_ns
 
 
-_FIXES = (_fix_checkpoint_weights_only, _fix_cpu_distributed, _fix_retrieval_in1d)
+# --- 5. an empty image file is not named ------------------------------------------------
+# mmcv <= 2.2.0's ``LoadImageFromFile`` (used by mmdet, mmseg and mmpretrain pipelines) names
+# an undecodable image, but a 0-byte one fails in OpenCV with ``cv2.error: ... !buf.empty()
+# in function 'imdecode_'``, which does not say which file it was. That error now does.
+
+def _empty_image_wrapper(transform):
+
+    def transform_(self, results):
+        try:
+            return transform(self, results)
+        except Exception as err:
+            path = results.get('img_path')
+            if isinstance(path, str) and os.path.isfile(path) and not os.path.getsize(path):
+                raise ValueError(f'cannot read image {path}: the file is empty (0 bytes)') \
+                    from err
+            raise
+
+    return transform_
+
+
+def _fix_unnamed_empty_image():
+    import mmcv
+    from mmengine.utils import digit_version
+    if digit_version(mmcv.__version__) > digit_version('2.2.0'):
+        return
+    from mmcv.transforms import LoadImageFromFile
+    _patch(LoadImageFromFile, 'transform', _empty_image_wrapper)
+
+
+_FIXES = (_fix_checkpoint_weights_only, _fix_runner_checkpoints, _fix_cpu_distributed,
+          _fix_retrieval_in1d, _fix_unnamed_empty_image)
 
 
 def apply():

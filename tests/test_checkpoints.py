@@ -8,6 +8,7 @@ official layouts are written with the inverse of timm's documented renaming.
 import importlib.util
 import os
 import re
+import shlex
 import subprocess
 import sys
 from functools import lru_cache
@@ -394,7 +395,10 @@ def test_malicious_pickle_is_refused(tmp_path):
     assert not marker.exists()
     assert 'needs arbitrary Python code' in str(err.value)
     assert 'nothing from it was executed' in str(err.value)
-    assert f"torch.load('{path}', map_location='cpu', weights_only=False)" in str(err.value)
+    command = next(line for line in str(err.value).splitlines() if 'python -c' in line)
+    assert shlex.split(command)[:2] == ['python', '-c'] and (
+        f"torch.load({str(path)!r}, map_location='cpu', weights_only=False)"
+        in shlex.split(command)[2])
     torch.load(path, weights_only=False)  # the exploit is real: unpickling it runs mkdir
     assert marker.exists()
 
@@ -433,9 +437,9 @@ def test_remote_names(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
     url = 'https://huggingface.co/sail/dl/resolve/main/poolformerv2/poolformerv2_s12.pth'
-    with pytest.raises(CheckpointError, match='cannot download .*offline'):
+    with pytest.raises(CheckpointError, match='cannot download .*offline') as err:
         backbone('poolformerv2_s12', checkpoint=url)
-    (tmp_path / 'hub' / 'checkpoints').mkdir(parents=True, exist_ok=True)
-    torch.save(to_official(source('poolformerv2_s12')[1]),
-               tmp_path / 'hub' / 'checkpoints' / 'poolformerv2_s12.pth')
+    cached = re.search(r'copy it to (\S+) or pass', str(err.value))[1]  # as the message says
+    assert cached.startswith(str(tmp_path / 'hub' / 'checkpoints'))
+    torch.save(to_official(source('poolformerv2_s12')[1]), cached)
     assert_features(backbone('poolformerv2_s12', checkpoint=url), 'poolformerv2_s12')

@@ -1,14 +1,11 @@
 """Tests for ``mmmetaformer.compat``: each test fails without the fix it covers."""
 import copy
 import gc
-import importlib.util
 import io
 import os
 import pickle
 import socket
-import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,23 +18,7 @@ from mmengine.model import BaseModel, MMDistributedDataParallel
 from mmengine.runner import CheckpointLoader, Runner, load_checkpoint
 from torch.utils.data import Dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_compat():
-    sys.path.insert(0, str(ROOT))
-    try:
-        import mmmetaformer.compat as compat
-    except ImportError:  # the package __init__ needs deps (mmcv) not installed
-        spec = importlib.util.spec_from_file_location(
-            'mmmetaformer_compat', ROOT / 'mmmetaformer' / 'compat.py')
-        compat = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(compat)
-    return compat
-
-
-compat = _import_compat()
-compat.apply()
+import mmmetaformer.compat as compat  # import mmmetaformer applies the fixes
 
 
 # --- tiny mmengine training setup ------------------------------------------------

@@ -1,4 +1,8 @@
-"""check_dataset: one clear FileNotFoundError for missing COCO / ADE20K / ImageNet data."""
+"""check_dataset: one clear FileNotFoundError for missing COCO / ADE20K / ImageNet data, a
+ValueError naming a damaged COCO annotation file; unreadable images are named."""
+import re
+import shutil
+
 import pytest
 from mmengine.config import Config
 
@@ -102,3 +106,29 @@ def test_leaves_unknown_and_remote_datasets_alone():
     check_dataset(config(train=dict(type='CityscapesDataset', data_root='data/nowhere'),
                          val=coco('s3://bucket/coco')))
     check_dataset(Config(dict(model=dict(type='X'))))
+
+
+@pytest.mark.parametrize('content,problem', [
+    (b'', 'is empty'), (b'{"images": [], "annotations": [', 'is not a JSON object'),
+    (b'{"images": [], "categories": [],}', 'is not valid JSON'),
+    (b'{"annotations": []}', "is not a COCO annotation file: it has no ['images', 'categories']")])
+def test_malformed_coco_annotations_are_named(data, tmp_path, content, problem):
+    root = tmp_path / 'coco'
+    shutil.copytree(data / 'coco', root)
+    ann = root / 'annotations' / 'instances_val2017.json'
+    ann.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f'{ann} {problem}')):
+        check_dataset(config(train=coco(str(root)), val=coco(str(root), 'val')))
+
+
+def test_empty_image_is_named(tmp_path):
+    """mmcv's LoadImageFromFile, as mmdet, mmseg and mmpretrain pipelines run it."""
+    from mmcv.transforms import LoadImageFromFile
+    path = tmp_path / 'empty.jpg'
+    path.write_bytes(b'')
+    with pytest.raises(ValueError, match=re.escape(f'cannot read image {path}: the file is '
+                                                   'empty (0 bytes)')):
+        LoadImageFromFile()(dict(img_path=str(path)))
+    path.write_bytes(b'not an image')  # mmcv names these itself
+    with pytest.raises(AssertionError, match=re.escape(f'failed to load image: {path}')):
+        LoadImageFromFile()(dict(img_path=str(path)))

@@ -203,6 +203,12 @@ class MetaFormer(BaseModule):
         self.arch_settings = self.resolve_arch(arch)
         a = self.arch_settings
         self.depths, self.dims = tuple(a['depths']), tuple(a['dims'])
+        for key in ('depths', 'dims'):
+            if not all(isinstance(n, int) and n > 0 for n in a[key]):
+                raise ValueError(f'{type(self).__name__}: {key} must be positive integers, '
+                                 f'got {a[key]}')
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
         self.num_stages = len(self.depths)
         self.out_indices = self._check_out_indices(out_indices)
         if not -1 <= frozen_stages <= self.num_stages:
@@ -287,11 +293,11 @@ class MetaFormer(BaseModule):
         return settings
 
     def _check_out_indices(self, out_indices):
-        out_indices = tuple(i % self.num_stages if i < 0 else i for i in out_indices)
-        if not out_indices or any(not 0 <= i < self.num_stages for i in out_indices):
-            raise ValueError(f'out_indices must be non-empty indices of the {self.num_stages} '
-                             f'stages, got {out_indices}')
-        return out_indices
+        n = self.num_stages
+        if not out_indices or any(not -n <= i < n for i in out_indices):
+            raise ValueError(f'out_indices must be non-empty indices of the {n} stages '
+                             f'(-{n} to {n - 1}), got {tuple(out_indices)}')
+        return tuple(i % n for i in out_indices)
 
     def init_weights(self):
         if self._loads_checkpoint(self.init_cfg):

@@ -88,31 +88,39 @@ class RandomMixing(nn.Module):
     """RandFormer's mixer: tokens mixed by a frozen random row-stochastic matrix.
 
     The matrix is defined on the native token grid of a 224x224 input; other grids use it
-    resampled by :func:`resample_mixing_matrix`, cached per grid size.
+    resampled by :func:`resample_mixing_matrix`. The resampled matrices of all modules share
+    one least-recently-used cache of at most ``cache_bytes`` (a larger matrix is resampled at
+    every call).
     """
 
-    cache_size = 4
+    cache_bytes = 512 * 2**20
+    _cache = OrderedDict()  # (module token, grid, device, dtype, version, inference) -> matrix
 
     def __init__(self, num_tokens: int):
         super().__init__()
         self.random_matrix = nn.Parameter(
             torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1), requires_grad=False)
         self.native_size = math.isqrt(num_tokens)
-        self._resampled = OrderedDict()
+        self._cache_token = object()  # identifies this module's entries (a copy gets its own)
 
     def mixing_matrix(self, H: int, W: int) -> torch.Tensor:
         matrix = self.random_matrix
         if (H, W) == (self.native_size, self.native_size):
             return matrix
         # Tensors made under inference_mode cannot enter autograd: cache them apart.
-        key = (H, W, matrix.device, matrix.dtype, matrix._version,
+        key = (self._cache_token, H, W, matrix.device, matrix.dtype, matrix._version,
                torch.is_inference_mode_enabled())
-        if key not in self._resampled:
-            with torch.no_grad():
-                self._resampled[key] = resample_mixing_matrix(matrix, (H, W))
-            if len(self._resampled) > self.cache_size:
-                self._resampled.popitem(last=False)
-        return self._resampled[key]
+        cache = RandomMixing._cache
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        with torch.no_grad():
+            resampled = resample_mixing_matrix(matrix, (H, W))
+        if resampled.nbytes <= self.cache_bytes:
+            cache[key] = resampled
+            while sum(m.nbytes for m in cache.values()) > self.cache_bytes:
+                cache.popitem(last=False)
+        return resampled
 
     def forward(self, x):
         B, H, W, C = x.shape

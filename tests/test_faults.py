@@ -1,0 +1,253 @@
+"""Faults that must not cost a run or half-load a model: a kill during a save, damaged
+checkpoints, tensors that cannot load as they are, bad locations and arguments."""
+import functools
+import http.server
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmmetaformer.checkpoints import CheckpointError, load_pretrained, read_checkpoint
+from mmmetaformer.models import PoolFormerV2, RandFormer
+from mmmetaformer.models.mixers import RandomMixing, resample_mixing_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_trust import _runner  # noqa: E402  (the tiny mmengine training setup)
+
+TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+
+# A tiny run that checkpoints every iteration keeping one file; the save of iteration 2
+# writes half of the file, says so with a marker file and waits to be killed.
+STALLING_RUN = '''
+import io, os, sys, time
+import torch
+sys.path.insert(0, {tests!r})
+from test_trust import _runner
+real_save = torch.save
+
+
+def save(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get('meta', {{}}).get('iter') == 2:
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        out = open(f, 'wb') if isinstance(f, (str, os.PathLike)) else f
+        out.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        out.flush()
+        open({marker!r}, 'w').close()
+        time.sleep(600)
+    return real_save(obj, f, *args, **kwargs)
+
+
+torch.save = save
+_runner({work_dir!r}, 4, default_hooks=dict(checkpoint=dict(
+    type='CheckpointHook', interval=1, by_epoch=False, max_keep_ckpts=1))).train()
+'''
+
+
+def _log(work_dir):
+    return '\n'.join(p.read_text() for p in Path(work_dir).glob('*/*.log'))
+
+
+# --- 5: saves and resume -----------------------------------------------------------------------
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    work, marker = tmp_path / 'work', tmp_path / 'saving'
+    script = STALLING_RUN.format(tests=str(Path(__file__).parent), marker=str(marker),
+                                 work_dir=str(work))
+    child = subprocess.Popen([sys.executable, '-c', script], env=dict(
+        os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, 'the run never reached its second save'
+            time.sleep(0.1)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert (work / 'iter_1.pth').is_file() and not (work / 'iter_2.pth').exists()
+    runner = _runner(work, 4, resume=True, default_hooks=dict(checkpoint=dict(
+        type='CheckpointHook', interval=1, by_epoch=False, max_keep_ckpts=1)))
+    runner.train()
+    assert runner.iter == 4 and 'resumed epoch: 0, iter: 1' in _log(work)
+    assert [p.name for p in work.glob('*.pth')] == ['iter_4.pth']
+    assert not list(work.glob('.*.tmp'))  # the killed save's temporary file is gone too
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    """A work dir with iter_1.pth and iter_2.pth, the latest truncated."""
+    work = tmp_path / 'work'
+    _runner(work, 2, default_hooks=dict(checkpoint=dict(
+        type='CheckpointHook', interval=1, by_epoch=False))).train()
+    latest = work / 'iter_2.pth'
+    latest.write_bytes(latest.read_bytes()[:latest.stat().st_size // 2])
+    return work
+
+
+def test_resume_skips_a_damaged_latest_checkpoint(two_checkpoints):
+    runner = _runner(two_checkpoints, 3, resume=True)
+    runner.train()
+    assert runner.iter == 3
+    log = _log(two_checkpoints)
+    assert 'resumed epoch: 0, iter: 1' in log
+    assert (f"The latest checkpoint {two_checkpoints / 'iter_2.pth'} is incomplete or damaged"
+            in log and f"resuming from {two_checkpoints / 'iter_1.pth'}" in log)
+
+
+def test_resume_from_a_damaged_file_names_the_intact_ones(two_checkpoints):
+    latest = two_checkpoints / 'iter_2.pth'
+    with pytest.raises(CheckpointError) as err:
+        _runner(two_checkpoints, 3, resume=True, load_from=str(latest)).train()
+    message = str(err.value)
+    assert '\n' not in message and message.startswith(f'cannot resume from {latest}: it is '
+                                                      'incomplete or damaged')
+    assert message.endswith(f"newest first: {two_checkpoints / 'iter_1.pth'}")
+    (two_checkpoints / 'iter_1.pth').unlink()
+    with pytest.raises(CheckpointError, match='holds no intact checkpoint'):
+        _runner(two_checkpoints, 3, resume=True).train()
+
+
+# --- 4: tensors that cannot load as they are ------------------------------------------------
+
+def _state():
+    return {k: v.clone() for k, v in PoolFormerV2(arch=TINY).state_dict().items()}
+
+
+def _spoil_nonfinite(state):
+    state['stages.1.blocks.0.mlp.fc1.weight'][0, :3] = float('nan')
+    state['stages.3.blocks.0.norm2.weight'][-1] = float('inf')
+    return 'NaN/Inf values in 2 tensors: stages.1.blocks.0.mlp.fc1.weight (3 of '
+
+
+@pytest.mark.parametrize('spoil', [
+    _spoil_nonfinite,
+    lambda s: s.update(**{'stem.conv.bias': s['stem.conv.bias'].long()}) or
+    'stem.conv.bias: integer values (torch.int64) where float values belong',
+    lambda s: s.update(**{'stages.3.blocks.0.norm2.weight': s['stages.3.blocks.0.norm2.weight']
+                          > 0}) or 'norm2.weight: bool values',
+    lambda s: s.update(**{'stages.3.blocks.0.mlp.fc2.weight': s[
+        'stages.3.blocks.0.mlp.fc2.weight'].to_sparse()}) or 'a torch.sparse_coo tensor',
+    lambda s: s.update(**{'stages.3.blocks.0.mlp.fc2.weight': torch.empty(
+        s['stages.3.blocks.0.mlp.fc2.weight'].shape, device='meta')}) or 'tensor on meta'],
+    ids=['nonfinite', 'int64', 'bool', 'sparse', 'meta'])
+def test_bad_tensors_are_refused_before_any_is_copied(spoil, tmp_path):
+    state = _state()
+    expected = spoil(state)
+    model = PoolFormerV2(arch=TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match='Nothing was loaded') as err:
+        load_pretrained(model, state)
+    assert expected in str(err.value)
+    path = tmp_path / 'spoiled.pth'
+    torch.save(state, path)
+    model.init_cfg = dict(type='Pretrained', checkpoint=str(path))
+    with pytest.raises(CheckpointError, match=f'{re.escape(str(path))} .*holds tensors that '
+                       'cannot be loaded'):
+        model.init_weights()
+    assert all(v.equal(before[k]) for k, v in model.state_dict().items())
+
+
+def test_converter_writes_nothing_it_would_refuse(tmp_path):
+    from test_checkpoints import convert_tool, source
+    state = dict(source('poolformerv2_s12')[1])
+    state['stages.0.blocks.0.mlp.fc1.weight'] = state['stages.0.blocks.0.mlp.fc1.weight'] * \
+        float('nan')
+    torch.save(state, tmp_path / 'poolformerv2_s12.pth')
+    with pytest.raises(CheckpointError, match='NaN/Inf values in 1 tensors'):
+        convert_tool.convert(str(tmp_path / 'poolformerv2_s12.pth'), str(tmp_path / 'out.pth'),
+                             'poolformerv2_s12')
+    assert not (tmp_path / 'out.pth').exists()
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_files_load(dtype):
+    state = {k: v.to(dtype) for k, v in _state().items()}
+    model = PoolFormerV2(arch=TINY)
+    load_pretrained(model, state)
+    assert all(v.equal(state[k].float()) for k, v in model.state_dict().items())
+
+
+# --- 6: locations ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('scheme', ['ftp', 'hf'])
+def test_unsupported_schemes_are_named(scheme):
+    with pytest.raises(CheckpointError, match=f'{scheme}:// is not a supported location; use a '
+                       'local path or one of http://, https://, timm://'):
+        read_checkpoint(f'{scheme}://host/dir/model.pth')
+
+
+def test_url_cache_is_keyed_by_the_whole_url(tmp_path, monkeypatch):
+    served = tmp_path / 'served'
+    states = {}
+    for name in ('a', 'b'):
+        (served / name).mkdir(parents=True)
+        states[name] = _state()
+        torch.save(states[name], served / name / 'model.pth')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    monkeypatch.setattr(http.server.SimpleHTTPRequestHandler, 'log_message', lambda *a: None)
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    try:
+        for name in ('a', 'b', 'a'):
+            model = PoolFormerV2(arch=TINY)
+            load_pretrained(model, f'http://127.0.0.1:{server.server_port}/{name}/model.pth')
+            assert all(v.equal(states[name][k]) for k, v in model.state_dict().items())
+    finally:
+        server.shutdown()
+    assert len(list((tmp_path / 'hub' / 'checkpoints').iterdir())) == 2
+
+
+def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]  # nothing listens there
+    monkeypatch.setattr(hf, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(hf, 'ENDPOINT', f'http://127.0.0.1:{port}')
+    monkeypatch.setattr(hf, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
+    start = time.time()
+    with pytest.raises(CheckpointError, match=r'cannot fetch timm://caformer_s18.sail_in1k .*'
+                       'is out of reach and it is not in the local cache'):
+        read_checkpoint('timm://caformer_s18.sail_in1k')
+    assert time.time() - start < 5
+
+
+# --- 6: arguments and the RandFormer cache -----------------------------------------------------
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(out_indices=(-5, )), r'out_indices must be .* \(-4 to 3\), got \(-5,\)'),
+    (dict(arch=dict(TINY, depths=(1, -1, 1, 1))), r'depths must be positive integers'),
+    (dict(arch=dict(TINY, dims=(8, 0, 8, 8))), r'dims must be positive integers'),
+    (dict(drop_path_rate=1.5), r'drop_path_rate must be in \[0, 1\), got 1.5'),
+    (dict(drop_path_rate=-0.1), r'drop_path_rate must be in \[0, 1\)')])
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PoolFormerV2(**{'arch': TINY, **kwargs})
+    assert PoolFormerV2(arch=TINY, out_indices=(-4, -1)).out_indices == (0, 3)
+
+
+def test_random_mixing_cache_is_bounded_by_memory(monkeypatch):
+    """Four grids of a RandFormer's third stage; the cache budget is set to 64 MiB here."""
+    monkeypatch.setattr(RandomMixing, 'cache_bytes', 64 * 2**20)
+    model = RandFormer(arch=dict(TINY, depths=(1, 1, 3, 1))).eval()
+    for size in [(640, 640), (768, 768), (896, 896), (1024, 1024)]:  # 40x40 ... 64x64 tokens
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            model(x)
+        cached = sum(m.nbytes for m in RandomMixing._cache.values())
+        assert 0 < cached <= RandomMixing.cache_bytes
+    mixer = model.stages[2].blocks[0].token_mixer
+    x = torch.randn(1, 40, 40, 2)
+    expected = resample_mixing_matrix(mixer.random_matrix, (40, 40)) @ x.reshape(1, 1600, 2)
+    torch.testing.assert_close(mixer(x), expected.reshape(1, 40, 40, 2))

@@ -1,0 +1,278 @@
+"""The checkpoint trust rule (``mmmetaformer.trust``): files built here try to run code, forge
+numpy dtypes or remap mmengine's statistics; markers and subprocesses prove nothing ran."""
+import ast
+import collections
+import datetime
+import itertools
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.logging import HistoryBuffer
+from mmengine.model import BaseModel
+from mmengine.runner import CheckpointLoader, Runner
+from torch.utils.data import Dataset
+
+from mmmetaformer import trust
+from mmmetaformer.checkpoints import CheckpointError, read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+REFUSED = (pickle.UnpicklingError, CheckpointError)  # mmengine's loader / the project's
+
+
+class _Reduces:
+    """Pickles as ``reduce`` says: how the files below forge what numpy or mmengine write."""
+
+    def __init__(self, *reduce):
+        self.reduce = reduce
+
+    def __reduce__(self):
+        return self.reduce
+
+
+def _array(dtype, raw, shape=(1, )):
+    """Pickles like ``np.ndarray`` with the given (possibly forged) dtype and raw bytes."""
+    return _Reduces(np._core.multiarray._reconstruct, (np.ndarray, (0, ), b'b'),
+                    (1, shape, dtype, False, raw))
+
+
+# a void dtype with an object field, without numpy's "holds objects" flag (0, not 63)
+FORGED_DTYPE = _Reduces(np.dtype, ('V8', False, True),
+                        (3, '|', None, ('f0', ), {'f0': (np.dtype('O'), 0)}, 8, 1, 0))
+
+
+def _save(path, **payload):
+    torch.save(dict(state_dict={'w': torch.zeros(2)}, **payload), path)
+    return str(path)
+
+
+def _save_remapped(path, **extra):
+    """A file whose HistoryBuffer maps 'mean' to ``HistoryBuffer.min``, as mmengine pickles it
+    after such a remap (``__getstate__`` saves the class's mapping)."""
+    saved = dict(HistoryBuffer._statistics_methods)
+    HistoryBuffer._statistics_methods['mean'] = HistoryBuffer.min
+    try:
+        return _save(path, message_hub=dict(loss=HistoryBuffer([1., 3.], [1, 1])), **extra)
+    finally:
+        HistoryBuffer._statistics_methods.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def statistics():
+    """mmengine's statistics before the test, and restored after it (a failure may change them)."""
+    saved = dict(HistoryBuffer._statistics_methods)
+    yield saved
+    HistoryBuffer._statistics_methods.clear()
+    HistoryBuffer._statistics_methods.update(saved)
+
+
+def _loaders():
+    return [read_checkpoint, CheckpointLoader.load_checkpoint]
+
+
+# --- 2: forged dtypes and object arrays ------------------------------------------------------
+
+def test_forged_dtype_does_not_crash(tmp_path):
+    """Read by numpy, the forged array would hold a pointer 0x4141414141414141: printing it
+    crashed the process (SIGSEGV). Here a subprocess reads it with the trust rule alone."""
+    path = _save(tmp_path / 'forged.pth', meta=dict(x=_array(FORGED_DTYPE, b'A' * 8)))
+    code = ('import importlib.util, sys\n'
+            'spec = importlib.util.spec_from_file_location("trust", sys.argv[1])\n'
+            'trust = importlib.util.module_from_spec(spec)\n'
+            'spec.loader.exec_module(trust)\n'
+            'try:\n    print(trust.load(sys.argv[2]))\n'
+            'except trust.RefusedCheckpoint as err:\n    print("refused:", err.reason)\n')
+    run = subprocess.run([sys.executable, '-c', code, str(ROOT / 'mmmetaformer' / 'trust.py'),
+                          path], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith('refused: refusing numpy dtype')
+    for load in _loaders():  # the same rule in this process
+        with pytest.raises(REFUSED, match='refusing numpy dtype'):
+            load(path)
+
+
+@pytest.mark.parametrize('payload', [
+    np.array(['text', 1], dtype=object), np.array([b'ab'], dtype='S2'),
+    np.array([(1, 2.)], dtype='i4,f8'), np.zeros(2, dtype='M8[s]')],
+    ids=['object', 'bytes', 'structured', 'datetime'])
+def test_only_plain_numeric_arrays_load(tmp_path, payload):
+    path = _save(tmp_path / 'array.pth', meta=dict(x=payload))
+    for load in _loaders():
+        with pytest.raises(REFUSED, match='refusing numpy dtype'):
+            load(path)
+
+
+def test_array_bytes_must_match_shape(tmp_path):
+    path = _save(tmp_path / 'short.pth', meta=dict(x=_array(np.dtype('f8'), b'A' * 8, (4, ))))
+    with pytest.raises(CheckpointError, match='its data is not 32 bytes'):
+        read_checkpoint(path)
+
+
+def test_numpy_data_round_trips(tmp_path):
+    """Every plain dtype, both byte orders, Fortran order, 0-d and empty arrays, scalars."""
+    rng = np.random.default_rng(0)
+    arrays = [(rng.random((3, 2)) * 100).astype(np.dtype(code).newbyteorder(order))
+              for code in trust.PLAIN_DTYPES for order in '<>']
+    data = dict(arrays=arrays, fortran=np.asfortranarray(rng.random((3, 4))),
+                scalars=[np.float32(1.5), np.int64(-3), np.bool_(True), np.complex64(1j)],
+                zero_d=np.array(7), empty=np.zeros((0, 3)), hub=HistoryBuffer([1., 2.], [1, 3]))
+    path = _save(tmp_path / 'numpy.pth', meta=data)
+    for load in _loaders():
+        got = load(path)['meta']
+        for a, b in zip(got['arrays'] + [got['fortran'], got['zero_d'], got['empty']],
+                        data['arrays'] + [data['fortran'], data['zero_d'], data['empty']]):
+            assert type(a) is np.ndarray and a.dtype == b.dtype and a.flags.writeable
+            np.testing.assert_array_equal(a, b)
+        assert got['fortran'].flags.f_contiguous
+        assert [(type(s), s) for s in got['scalars']] == [(type(s), s) for s in data['scalars']]
+        assert type(got['hub']) is HistoryBuffer
+        assert got['hub'].mean() == data['hub'].mean() and got['hub'].max() == 2.
+
+
+def test_user_safe_globals_are_kept(tmp_path):
+    before = torch.serialization.get_safe_globals()
+    path = _save(tmp_path / 'date.pth', meta=dict(day=datetime.date(2020, 1, 2)))
+    with pytest.raises(CheckpointError, match='it references datetime.date'):
+        read_checkpoint(path)
+    with torch.serialization.safe_globals([datetime.date]):
+        assert read_checkpoint(path)['meta']['day'] == datetime.date(2020, 1, 2)
+        assert datetime.date in torch.serialization.get_safe_globals()
+    assert torch.serialization.get_safe_globals() == before
+
+
+# --- 3: HistoryBuffer statistics --------------------------------------------------------------
+
+def test_refused_file_leaves_no_trace(tmp_path, statistics):
+    """The remap comes first; a later object (a deque) makes the file refused."""
+    path = _save_remapped(tmp_path / 'remap.pth', later=collections.deque())
+    for load in _loaders():
+        with pytest.raises(REFUSED, match='collections.deque'):
+            load(path)
+    assert HistoryBuffer._statistics_methods == statistics
+    assert HistoryBuffer([1., 3.], [1, 1]).mean() == 2.
+
+
+def test_statistics_cannot_be_remapped(tmp_path, statistics):
+    path = _save_remapped(tmp_path / 'remap.pth')
+    for load in _loaders():
+        with pytest.raises(REFUSED, match="only mmengine's own"):
+            load(path)
+    assert HistoryBuffer._statistics_methods == statistics
+    honest = _save(tmp_path / 'honest.pth', message_hub=dict(loss=HistoryBuffer([1., 3.], [1, 1])))
+    for load in _loaders():
+        assert load(honest)['message_hub']['loss'].mean() == 2.
+
+
+# --- 1: code in meta['config'] on resume ------------------------------------------------------
+
+class TinyModel(BaseModel):
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 1)
+
+    def forward(self, x, y, mode='loss'):
+        return dict(loss=((self.fc(x).squeeze(-1) - y)**2).mean())
+
+
+class TinyData(Dataset):
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return dict(x=torch.randn(2, generator=g), y=torch.randn((), generator=g))
+
+
+_RUNS = itertools.count()
+
+
+def _runner(work_dir, max_iters, **kwargs):
+    """A Runner of ``max_iters`` iterations of TinyModel (a checkpoint every 2 by default)."""
+    kwargs.setdefault('default_hooks', dict(checkpoint=dict(type='CheckpointHook', interval=2,
+                                                            by_epoch=False)))
+    return Runner(
+        model=TinyModel(), work_dir=str(work_dir), experiment_name=f'tiny-{next(_RUNS)}',
+        train_dataloader=dict(dataset=TinyData(), sampler=dict(type='DefaultSampler'),
+                              batch_size=4, collate_fn=dict(type='default_collate')),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)), **kwargs)
+
+
+@pytest.fixture(scope='module')
+def honest(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp('honest')
+    _runner(work_dir, 2).train()
+    return trust.load(work_dir / 'iter_2.pth')
+
+
+@pytest.mark.parametrize('gpu_ids', ['[0]', None])
+def test_resume_does_not_run_config_code(honest, tmp_path, gpu_ids):
+    marker = tmp_path / 'marker'
+    config = f"_x = __import__('os').system('touch {marker}')\n"
+    honest['meta']['config'] = (f'gpu_ids = {gpu_ids}\n' if gpu_ids else '') + config
+    torch.save(honest, tmp_path / 'iter_2.pth')
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_2.pth'))
+    runner = _runner(tmp_path, 3, resume=True)
+    runner.train()
+    assert runner.iter == 3 and not marker.exists()
+
+
+def test_resume_still_checks_gpu_ids(honest, tmp_path):
+    """mmengine's check of the GPU count (read from gpu_ids, mmcv 1.x style) still works."""
+    marker = tmp_path / 'marker'
+    honest['meta']['config'] = f"gpu_ids = range(0, 2)\nopen('{marker}', 'w')\n"
+    torch.save(honest, tmp_path / 'iter_2.pth')
+    with pytest.raises(RuntimeError, match='Number of GPUs used'):
+        _runner(tmp_path, 3, resume=True, load_from=str(tmp_path / 'iter_2.pth')).train()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('text,expected', [
+    ('gpu_ids = [0, 1]\nx = 1', 'gpu_ids = [0, 1]\n'), ('gpu_ids = range(4)', 'gpu_ids = [0, 1, '
+                                                        '2, 3]\n'),
+    ("gpu_ids = __import__('os').getpid()", ''), ('gpu_ids = range(10**9)', ''),
+    ('not python (', ''), (None, '')])
+def test_inert_config(text, expected):
+    assert trust.inert_config(text) == expected
+
+
+# --- 6: files that are no checkpoints, and the re-save command ------------------------------
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    path = tmp_path / 'random.pth'
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError, match='is not a checkpoint') as err:
+        read_checkpoint(str(path))
+    assert 'arbitrary' not in str(err.value)
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(CheckpointError, match='is empty'):
+        read_checkpoint(str(tmp_path / 'empty.pth'))
+
+
+def test_resave_command_quotes_the_path(tmp_path, monkeypatch):
+    """The suggested command, pasted into a shell, re-saves the file and runs nothing else."""
+    marker = tmp_path / 'pwned'
+    path = tmp_path / "ck$(touch pwned)'.pth"
+    torch.save(dict(state_dict={'w': torch.ones(2)}, extra=collections.deque()), path)
+    with pytest.raises(CheckpointError, match='needs arbitrary Python code') as err:
+        read_checkpoint(str(path))
+    command = next(line.strip() for line in str(err.value).splitlines()
+                   if line.strip().startswith('python -c'))
+    # the shell, with printf standing in for python, shows the arguments python would get
+    run = subprocess.run(['bash', '-c', "printf '%s\\0'" + command[len('python'):]],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    option, code = run.stdout.split('\0')[:2]
+    assert option == '-c' and not marker.exists()
+    calls = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)
+             and ast.unparse(node.func) == 'torch.load']
+    assert calls[0].args[0].value == str(path)
+    monkeypatch.chdir(tmp_path)
+    exec(code, {})  # what python -c would run: re-saves the tensors (the file is ours)
+    assert torch.load(tmp_path / 'converted.pth')['w'].equal(torch.ones(2))
