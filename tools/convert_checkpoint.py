@@ -8,6 +8,12 @@ one of this project's. DST is an mmengine checkpoint: ``state_dict`` with the ``
 tensors and, where SRC has one, the classifier ``head.*``, and ``meta`` with the arch and the
 source format. Name it in ``load_from`` (mmdet, mmseg, mmpretrain) or in a backbone's
 ``init_cfg=dict(type='Pretrained', checkpoint=DST, prefix='backbone.')``.
+
+A whole detector or segmentor (the official PoolFormer Mask R-CNN / RetinaNet / Semantic FPN
+files, mmseg 1.x's PoolFormer FPN files; detected by their ``neck.`` / ``*_head.`` tensors)
+converts to the whole model: the backbone renamed, every neck and head tensor kept, the
+optimizer state dropped. Give DST to ``tools/test.py CONFIG DST`` or ``load_from`` with the
+matching config (see the README's model zoo); both also take SRC itself.
 """
 import argparse
 import os
@@ -16,13 +22,19 @@ import sys
 import torch
 
 from mmmetaformer import __version__
-from mmmetaformer.checkpoints import CheckpointError, check_fit, read_canonical, summarize
+from mmmetaformer.checkpoints import (CheckpointError, check_fit, convert_to_canonical,
+                                      load_checkpoint_file, summarize)
+from mmmetaformer.dense_checkpoints import (convert_whole_model, describe_source,
+                                            is_whole_model, validate, whole_model_meta)
 from mmmetaformer.models import ARCHS, MetaFormer
 
 
 def convert(src: str, dst: str, arch: str = None, use_ema: bool = False) -> dict:
     """Write the converted checkpoint to ``dst`` and return its ``meta``."""
-    state, info = read_canonical(src, use_ema=use_ema)
+    state, info = load_checkpoint_file(src, use_ema)
+    whole = is_whole_model(state)
+    what = describe_source(state, info) if whole else None
+    state = convert_whole_model(state, info) if whole else convert_to_canonical(state, info)[0]
     backbone = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
     if arch is None:
         known = info.meta.get('arch')
@@ -41,6 +53,8 @@ def convert(src: str, dst: str, arch: str = None, use_ema: bool = False) -> dict
     model = MetaFormer(arch=arch, out_norm=None)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_fit(backbone, expected, info, arch, model.arch_settings)
+    if whole:
+        return _write_whole_model(state, info, what, arch, dst)
 
     out = {k: v for k, v in state.items() if k.startswith(('backbone.', 'head.'))}
     meta = dict(arch=arch, source=str(src), source_format=info.format,
@@ -54,6 +68,18 @@ def convert(src: str, dst: str, arch: str = None, use_ema: bool = False) -> dict
     print(f'{info.describe()}: {arch}, {len(backbone)} backbone tensors, '
           + (f"{meta['head']} head with {meta['num_classes']} classes"
              if classifier is not None else 'no classifier head')
+          + (f'; {extra}' if extra else '') + f' -> {dst}')
+    return meta
+
+
+def _write_whole_model(state, info, what, arch, dst) -> dict:
+    validate(state, what)
+    meta = dict(whole_model_meta(state, info, arch),
+                converted_by=f'mmmetaformer {__version__} tools/convert_checkpoint.py')
+    torch.save(dict(meta=meta, state_dict=state), dst)
+    backbone = sum(k.startswith('backbone.') for k in state)
+    extra = summarize(info)
+    print(f'{what}: {arch}, {backbone} backbone and {len(state) - backbone} neck/head tensors'
           + (f'; {extra}' if extra else '') + f' -> {dst}')
     return meta
 
