@@ -1,0 +1,437 @@
+"""ONNX export of MetaFormer backbones, classifiers, segmentors and detector features.
+
+:func:`build_exportable` turns a backbone name (``caformer_s18``) or an mmpretrain / mmseg /
+mmdet config, with an optional checkpoint, into a module that maps one preprocessed image batch
+to a tuple of named tensors; :func:`export_onnx` writes it with the TorchScript-based exporter
+after :func:`export_forms` (on a copy) has swapped in the forms backends handle best;
+:func:`check_onnx` runs the file in onnxruntime against PyTorch.
+"""
+import copy
+import os
+import time
+import warnings
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torch.nn.modules.utils import _pair
+
+from .checkpoints import (CheckpointError, convert_to_canonical, detect_format,
+                          load_checkpoint_file, load_pretrained)
+from .models import ARCHS, MetaFormer
+from .models.layers import GroupNorm1, Mlp, PointwiseLinear, SquaredReLU, StarReLU
+from .models.mixers import RandomMixing, SepConv, resample_mixing_matrix
+
+#: Input size of a static export and of ``--check`` per kind of model (H, W).
+DEFAULT_SHAPES = {'mmdet': (800, 1344), 'mmseg': (512, 512), 'mmpretrain': (224, 224),
+                  None: (224, 224)}
+#: GroupNorm(1) forms: one ONNX LayerNormalization over (C, H, W), ReduceMean arithmetic, or
+#: PyTorch's own export (Reshape + InstanceNormalization).
+GROUPNORM_FORMS = ('layernorm', 'reducemean', 'instancenorm')
+MIN_OPSET = 14  # scaled_dot_product_attention
+
+
+class ExportError(ValueError):
+    """A config, part or option that cannot be exported."""
+
+
+# --- export forms --------------------------------------------------------------------------
+
+class _LayerNormOverCHW(torch.autograd.Function):
+    """Normalisation of each sample over all its elements (GroupNorm with one group), exported
+    as one ONNX ``LayerNormalization(axis=1)`` whose unit scale takes the input's shape."""
+
+    @staticmethod
+    def forward(ctx, x, eps: float):
+        return F.layer_norm(x, x.shape[1:], eps=eps)
+
+    @staticmethod
+    def symbolic(g, x, eps: float):
+        ones = g.op('ConstantOfShape', g.op('Shape', x, start_i=1),
+                    value_t=torch.ones(1, dtype=torch.float32))
+        return g.op('LayerNormalization', x, g.op('CastLike', ones, x), axis_i=1,
+                    epsilon_f=eps)
+
+
+def _normalize_reducemean(x, eps: float):
+    dims = tuple(range(1, x.dim()))
+    centered = x - x.mean(dims, keepdim=True)
+    return centered * torch.rsqrt(centered.square().mean(dims, keepdim=True) + eps)
+
+
+class ExportGroupNorm1(nn.Module):
+    """GroupNorm with one group (channels-last :class:`GroupNorm1` or NCHW ``nn.GroupNorm``)
+    in an export form: a normalisation over all non-batch elements, then the per-channel
+    affine."""
+
+    def __init__(self, norm: nn.Module, form: str, channels_last: bool):
+        super().__init__()
+        self.form, self.eps = form, norm.eps
+        shape = (-1,) if channels_last else (-1, 1, 1)
+        self.weight = nn.Parameter(norm.weight.detach().reshape(shape))
+        self.bias = None if norm.bias is None else nn.Parameter(norm.bias.detach().reshape(shape))
+
+    def forward(self, x):
+        if self.form == 'layernorm':
+            x = _LayerNormOverCHW.apply(x, self.eps)
+        else:
+            x = _normalize_reducemean(x, self.eps)
+        x = x * self.weight
+        return x if self.bias is None else x + self.bias
+
+
+class ExportRandomMixing(nn.Module):
+    """:class:`RandomMixing` with the matrix resampled inside the graph for the input's token
+    grid (a static export would freeze the matrix of the traced size)."""
+
+    def __init__(self, mixer: RandomMixing):
+        super().__init__()
+        self.random_matrix = mixer.random_matrix
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        matrix = resample_mixing_matrix(self.random_matrix, (H, W))
+        return (matrix @ x.reshape(B, H * W, C)).reshape(B, H, W, C)
+
+
+class ShiftedSquaredReLU(nn.Module):
+    """``relu(x) ** 2 + bias``: a StarReLU whose scale was folded into the next layer."""
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+
+    def forward(self, x):
+        return F.relu(x).square() + self.bias
+
+
+def _adaptive_pool_matrix(size, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """The (bins, size) matrix of adaptive average pooling: bin i averages positions
+    ``floor(i * size / bins)`` to ``ceil((i + 1) * size / bins)`` (exclusive)."""
+    i = torch.arange(bins, device=like.device)
+    start = i * size // bins
+    end = ((i + 1) * size + bins - 1) // bins
+    pos = torch.arange(size, device=like.device)[None]
+    inside = (pos >= start[:, None]) & (pos < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+class ExportAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` as two matmuls with averaging matrices built from the input's
+    size, so that the graph takes any size (ONNX has no adaptive pooling to k > 1 bins)."""
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = _pair(output_size)
+
+    def forward(self, x):
+        rows = _adaptive_pool_matrix(x.shape[-2], self.output_size[0], x)
+        cols = _adaptive_pool_matrix(x.shape[-1], self.output_size[1], x)
+        return rows @ x @ cols.t()
+
+
+class ExportUpsample(nn.Module):
+    """mmseg's ``Upsample`` by an integer factor without its ``int(size * factor)``, which a
+    trace freezes to the traced size (same output sizes and coordinates)."""
+
+    def __init__(self, upsample: nn.Module):
+        super().__init__()
+        self.scale_factor, self.mode = upsample.scale_factor, upsample.mode
+        self.align_corners = upsample.align_corners
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode,
+                             align_corners=self.align_corners)
+
+
+def _fold_into_linear(act: StarReLU, fc: nn.Linear) -> PointwiseLinear:
+    """``fc(s * relu(x)**2 + b)`` as ``fc'(relu(x)**2)``: W' = s W, c' = c + b W 1."""
+    weight = fc.weight.detach()
+    folded = PointwiseLinear(fc.in_features, fc.out_features, bias=True).to(weight)
+    bias = act.bias.detach() * weight.sum(1)
+    with torch.no_grad():
+        folded.weight.copy_(weight * act.scale.detach())
+        folded.bias.copy_(bias if fc.bias is None else fc.bias.detach() + bias)
+    return folded
+
+
+@torch.no_grad()
+def fold_star_relu(model: nn.Module) -> nn.Module:
+    """Fold every StarReLU's scale and bias into the layer after it, in place (exact up to float
+    rounding): in an MLP both go into ``fc2`` (which gains a bias) and the activation becomes a
+    SquaredReLU; in a SepConv the scale goes into the depthwise conv, whose zero padding makes
+    the bias position-dependent, so ``bias / scale`` stays as an add."""
+    for module in model.modules():
+        if isinstance(module, Mlp) and isinstance(module.act, StarReLU):
+            module.fc2 = _fold_into_linear(module.act, module.fc2)
+            module.act = SquaredReLU()
+        elif (isinstance(module, SepConv) and isinstance(module.act1, StarReLU)
+              and module.act1.scale.item() != 0):
+            scale, bias = module.act1.scale.detach(), module.act1.bias.detach()
+            module.dwconv.weight.mul_(scale)
+            module.act1 = ShiftedSquaredReLU(bias / scale)
+    return model
+
+
+def export_forms(model: nn.Module, groupnorm: str = 'layernorm',
+                 fold: bool = True) -> nn.Module:
+    """A copy of ``model`` (in eval mode) in export forms: RandFormer's matrix resampling,
+    adaptive pooling and mmseg's upsampling computed from the input size in the graph, SyncBN
+    as BN, GroupNorm(1) in the ``groupnorm`` form (see
+    :data:`GROUPNORM_FORMS`) and, with ``fold``, StarReLU folded (:func:`fold_star_relu`)."""
+    from mmengine.model import revert_sync_batchnorm
+    if groupnorm not in GROUPNORM_FORMS:
+        raise ExportError(f'groupnorm form must be one of {GROUPNORM_FORMS}, got {groupnorm!r}')
+    model = revert_sync_batchnorm(copy.deepcopy(model)).eval()
+    try:
+        from mmseg.models.utils import Upsample as SegUpsample
+    except ImportError:
+        SegUpsample = ()
+
+    def swap(parent: nn.Module):
+        for name, child in parent.named_children():
+            new = None
+            if isinstance(child, RandomMixing):
+                new = ExportRandomMixing(child)
+            elif isinstance(child, nn.AdaptiveAvgPool2d):
+                new = ExportAdaptiveAvgPool2d(child.output_size)
+            elif (isinstance(child, SegUpsample) and not child.size
+                  and float(child.scale_factor).is_integer()):
+                new = ExportUpsample(child)
+            elif groupnorm != 'instancenorm' and isinstance(child, GroupNorm1):
+                new = ExportGroupNorm1(child, groupnorm, channels_last=True)
+            elif (groupnorm != 'instancenorm' and isinstance(child, nn.GroupNorm)
+                  and child.num_groups == 1 and child.affine):
+                new = ExportGroupNorm1(child, groupnorm, channels_last=False)
+            if new is None:
+                swap(child)
+            else:
+                setattr(parent, name, new)
+
+    swap(model)
+    return fold_star_relu(model) if fold else model
+
+
+# --- what is exported ----------------------------------------------------------------------
+
+class Exportable(nn.Module):
+    """One preprocessed image batch -> a tuple of tensors, for each ``part``:
+
+    - ``backbone``: the MetaFormer's feature maps;
+    - ``features``: a detector's or segmentor's backbone + neck (``extract_feat``);
+    - ``classifier``: an mmpretrain classifier's logits (``mode='tensor'``);
+    - ``segmentor``: an mmseg EncoderDecoder's logits (``mode='tensor'``), resized to the
+      input size as its whole-image inference does;
+    - ``dense_head``: a single-stage detector's raw head maps (``mode='tensor'``: class scores
+      of every level, then box deltas of every level), before anchor decoding and NMS.
+    """
+    PARTS = ('backbone', 'features', 'classifier', 'segmentor', 'dense_head')
+
+    def __init__(self, model: nn.Module, part: str):
+        super().__init__()
+        self.model, self.part = model, part
+
+    def forward(self, inputs):
+        if self.part == 'backbone':
+            return tuple(self.model(inputs))
+        if self.part == 'features':
+            return tuple(self.model.extract_feat(inputs))
+        if self.part == 'classifier':
+            return (self.model(inputs, mode='tensor'),)
+        if self.part == 'segmentor':
+            logits = self.model(inputs, mode='tensor')
+            return (F.interpolate(logits, size=inputs.shape[2:], mode='bilinear',
+                                  align_corners=self.model.decode_head.align_corners),)
+        scores, deltas = self.model(inputs, mode='tensor')
+        return (*scores, *deltas)
+
+    def output_names(self, num_outputs: int):
+        """``feat{i}`` (backbone stage i, stride 4 * 2**i), ``fpn{i}`` (neck level i),
+        ``logits``, ``seg_logits``, or ``cls_score{i}`` then ``bbox_pred{i}`` (head level i)."""
+        if self.part == 'classifier':
+            return ['logits']
+        if self.part == 'segmentor':
+            return ['seg_logits']
+        if self.part == 'dense_head':
+            levels = range(num_outputs // 2)
+            return [f'cls_score{i}' for i in levels] + [f'bbox_pred{i}' for i in levels]
+        if self.part == 'backbone':
+            return [f'feat{i}' for i in self.model.out_indices]
+        return [f'fpn{i}' for i in range(num_outputs)]
+
+
+def _load_model_weights(model: nn.Module, checkpoint: str):
+    """Load a whole-model checkpoint strictly (this project's ``backbone.*`` layout, or an
+    ImageNet release converted to it)."""
+    state, info = load_checkpoint_file(checkpoint)
+    if detect_format(state) != 'mmmetaformer':
+        state, info = convert_to_canonical(state, info)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f'{checkpoint} does not fit the config: '
+                              f'{str(err).splitlines()[-1].strip()}') from None
+    if missing or unexpected:
+        def show(keys):
+            return ', '.join(keys[:3]) + (f', ... ({len(keys)} in all)' if len(keys) > 3 else '')
+        raise CheckpointError(
+            f'{checkpoint} does not fit the config: '
+            + '; '.join(f'{what} {show(keys)}' for what, keys in
+                        (('missing', missing), ('unexpected', unexpected)) if keys)
+            + ' (for an ImageNet backbone file use --part backbone or a backbone name)')
+
+
+def _build_from_config(config: str):
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, DefaultScope, init_default_scope
+    if not os.path.isfile(config):
+        raise ExportError(f'config not found: {config} (give a config file or a backbone '
+                          f'name such as caformer_s18; names: {", ".join(ARCHS)})')
+    try:
+        cfg = Config.fromfile(config)
+        scope = cfg.get('default_scope')
+        init_default_scope(scope or 'mmengine')
+        with DefaultScope.overwrite_default_scope(scope):
+            model = MODELS.build(cfg.model)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [''])[0]
+        raise ExportError(f'cannot build the model of {config}: {type(err).__name__}: '
+                          f'{first}') from None
+    return cfg, model
+
+
+def _default_part(model: nn.Module, scope: Optional[str]) -> str:
+    if scope == 'mmpretrain':
+        return 'classifier'
+    if scope == 'mmseg':
+        return 'segmentor'
+    if scope == 'mmdet':
+        from mmdet.models.detectors import SingleStageDetector
+        return 'dense_head' if isinstance(model, SingleStageDetector) else 'features'
+    raise ExportError(f'default_scope {scope!r}: expected an mmpretrain, mmseg or mmdet config')
+
+
+def build_exportable(config: str, checkpoint: Optional[str] = None,
+                     part: Optional[str] = None):
+    """``(Exportable, info)`` for a backbone name of :data:`ARCHS` (raw stage outputs, any
+    checkpoint format) or a config file (``part`` defaults to the whole model where it is
+    exportable, else ``features``); ``info`` holds the scope, the part, the input
+    normalisation and notes for the user."""
+    notes = []
+    if config in ARCHS:
+        if part not in (None, 'backbone'):
+            raise ExportError(f'{config} is a backbone name: only --part backbone applies')
+        model = MetaFormer(arch=config, out_norm=None)
+        if checkpoint:
+            load_pretrained(model, checkpoint)
+        info = dict(scope=None, part='backbone', notes=notes, normalization={})
+        return Exportable(model.eval(), 'backbone'), info
+
+    cfg, model = _build_from_config(config)
+    scope = cfg.get('default_scope')
+    default = _default_part(model, scope)
+    part = part or default
+    if part not in Exportable.PARTS:
+        raise ExportError(f'unknown part {part!r}; choose one of {Exportable.PARTS}')
+    allowed = {'classifier': ('classifier', 'backbone'),
+               'segmentor': ('segmentor', 'features', 'backbone'),
+               'dense_head': ('dense_head', 'features', 'backbone'),
+               'features': ('features', 'backbone')}[default]
+    if part not in allowed:
+        hint = (' (two-stage detectors: the RPN proposals, RoIAlign and the RoI heads run '
+                'outside the graph; export --part features)') if default == 'features' else ''
+        raise ExportError(f'{config}: --part {part} does not apply to {type(model).__name__}; '
+                          f'choose one of {allowed}{hint}')
+    if checkpoint:
+        if part == 'backbone':
+            load_pretrained(model.backbone, checkpoint, prefix=None)
+        else:
+            _load_model_weights(model, checkpoint)
+    else:
+        notes.append('no checkpoint: random weights')
+    if part == 'segmentor' and cfg.model.get('test_cfg', {}).get('mode') == 'slide':
+        notes.append("the config tests with sliding windows (test_cfg.mode='slide'); the "
+                     'exported graph is whole-image inference')
+    if default == 'features' and part == 'features':
+        notes.append('two-stage detector: RPN, RoIAlign, RoI heads and NMS are left to the '
+                     'runtime (see README, Deploy)')
+    preprocessor = cfg.model.get('data_preprocessor') or {}
+    normalization = {k: preprocessor[k] for k in ('mean', 'std', 'bgr_to_rgb', 'to_rgb',
+                                                  'pad_size_divisor') if k in preprocessor}
+    module = model.backbone if part == 'backbone' else model
+    info = dict(scope=scope, part=part, notes=notes, normalization=normalization)
+    return Exportable(module.eval(), part), info
+
+
+# --- export and check ----------------------------------------------------------------------
+
+def export_onnx(exportable: Exportable, out: str, shape=(224, 224), dynamic: bool = False,
+                opset: int = 17, groupnorm: str = 'layernorm', fold: bool = True,
+                metadata: Optional[dict] = None) -> list:
+    """Write ``exportable`` in export forms to ``out`` (input ``input``: N x 3 x H x W; with
+    ``dynamic`` N, H and W are free) and return the output names."""
+    import onnx
+    if opset < MIN_OPSET:
+        raise ExportError(f'opset {opset} < {MIN_OPSET}: scaled_dot_product_attention and '
+                          'the other ops need opset >= 14 (17 or more recommended)')
+    if opset < 17 and groupnorm == 'layernorm':
+        groupnorm = 'reducemean'  # LayerNormalization is an opset-17 op
+    model = export_forms(exportable, groupnorm, fold)
+    x = torch.randn(1, 3, *shape)
+    with torch.no_grad():
+        names = exportable.output_names(len(model(x)))
+    axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
+    axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'} for n in names
+                 if n != 'logits'})
+    if 'logits' in names:
+        axes['logits'] = {0: 'batch'}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(model, (x,), out, dynamo=False, opset_version=opset,
+                          input_names=['input'], output_names=names,
+                          dynamic_axes=axes if dynamic else None)
+    onnx_model = onnx.load(out)
+    props = dict(producer='mmmetaformer', part=exportable.part, groupnorm=groupnorm,
+                 starrelu_folded=str(fold), **{k: str(v) for k, v in (metadata or {}).items()})
+    onnx.helper.set_model_props(onnx_model, props)
+    onnx.save(onnx_model, out)
+    return names
+
+
+def _median_ms(fn, runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def check_onnx(path: str, exportable: Exportable, shape=(224, 224), runs: int = 0,
+               seed: int = 0) -> dict:
+    """Run ``path`` in onnxruntime (CPU) and ``exportable`` in PyTorch on one random input of
+    ``shape``: ``outputs`` maps each name to ``(max abs difference, max abs PyTorch value)``;
+    with ``runs`` > 0 also the median latencies ``onnxruntime_ms`` and ``pytorch_ms``."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(seed))
+    feed = {'input': x.numpy()}
+    got = session.run(None, feed)
+    names = [o.name for o in session.get_outputs()]
+    with torch.inference_mode():
+        ref = exportable(x)
+    outputs = {}
+    for name, a, b in zip(names, got, ref):
+        if a.shape != tuple(b.shape):
+            raise AssertionError(f'{name}: onnxruntime shape {a.shape} != PyTorch '
+                                 f'{tuple(b.shape)}')
+        outputs[name] = (float(abs(torch.from_numpy(a) - b).max()), float(b.abs().max()))
+    result = dict(outputs=outputs)
+    if runs:
+        result['onnxruntime_ms'] = _median_ms(lambda: session.run(None, feed), runs)
+        with torch.inference_mode():
+            result['pytorch_ms'] = _median_ms(lambda: exportable(x), runs)
+    return result
