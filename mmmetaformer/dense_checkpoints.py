@@ -130,7 +130,9 @@ def check_model_fit(state: Mapping, model, info: CheckpointInfo, what: str) -> N
     if any(re.search(r'(fc_cls|conv_logits|retina_cls|conv_seg)\.weight$', k) for k in wrong):
         lines.append('  (the classifier shapes differ: the file was trained for another '
                      'number of classes)')
-    lines.append('Nothing was loaded: use the config of the model the file was trained with.')
+    lines.append('Nothing was loaded: use the config of the model the file was trained with, '
+                 "or to start from its backbone alone, name the file in the config's "
+                 "model.backbone.init_cfg=dict(type='Pretrained', checkpoint=...).")
     raise CheckpointError('\n'.join(lines))
 
 

@@ -25,6 +25,7 @@ from mmengine.structures import InstanceData
 
 import mmmetaformer  # noqa: F401
 from mmmetaformer.checkpoints import CheckpointError
+from mmmetaformer.models import MetaFormer
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location('convert_checkpoint',
@@ -196,6 +197,10 @@ def test_mask_rcnn_official_file(mask_rcnn, tmp_path, logs):
     assert_loads(path, cfg, reference, state)  # the original file, converted in memory
     assert len(logs) == 1 and 'Mask R-CNN, mmdet 2.19.0' in logs[0] and str(path) in logs[0]
     assert 'norm6 -> norm3' in logs[0]
+    backbone = MetaFormer(arch='poolformer_s12', init_cfg=dict(type='Pretrained',
+                                                               checkpoint=str(path)))
+    backbone.init_weights()  # the backbone alone, for fine-tuning on other data
+    assert all(v.equal(converted[f'backbone.{k}']) for k, v in backbone.state_dict().items())
 
 
 def test_retinanet_official_file_without_norm0(retinanet, tmp_path, logs):
