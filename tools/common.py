@@ -1,14 +1,81 @@
-"""Config handling shared by tools/train.py and tools/test.py (mmdet, mmseg or mmpretrain)."""
+"""What the tools share: quiet imports, one error style, and config handling for
+tools/train.py and tools/test.py (mmdet, mmseg or mmpretrain).
+
+Import it before torch and the OpenMMLab packages: it silences their known warnings first.
+"""
 import argparse
 import gc
 import os
 import os.path as osp
+import re
+import sys
+import warnings
 
-import torch
-from mmengine.config import Config, DictAction
+# Known, harmless warnings of the pinned third-party stack: (start of the message, category,
+# the module it is attributed to). Only these are hidden; anything else still shows.
+KNOWN_WARNINGS = (
+    ('`torch.jit.interface` is deprecated', FutureWarning, 'torch.jit._script'),
+    # mmengine's package_utils imports pkg_resources, then reloads it (importlib)
+    ('pkg_resources is deprecated as an API', UserWarning, 'mmengine.utils.package_utils'),
+    ('pkg_resources is deprecated as an API', UserWarning, 'importlib'),
+)
 
-import mmmetaformer  # noqa: F401  (registers the backbones, applies mmmetaformer.compat)
-from mmmetaformer.datasets import check_dataset
+
+def silence_known_warnings():
+    """Hide ``KNOWN_WARNINGS`` (and only those) for the rest of the process."""
+    for message, category, module in KNOWN_WARNINGS:
+        warnings.filterwarnings('ignore', message=re.escape(message), category=category,
+                                module=re.escape(module) + '$')
+
+
+silence_known_warnings()
+
+import torch  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+
+import mmmetaformer  # noqa: F401,E402  (registers the backbones, applies mmmetaformer.compat)
+from mmmetaformer.checkpoints import CheckpointError  # noqa: E402
+from mmmetaformer.datasets import check_dataset  # noqa: E402
+
+DEBUG_ENV = 'MMMETAFORMER_DEBUG'
+
+
+def add_debug_arg(parser: argparse.ArgumentParser):
+    parser.add_argument('--debug', action='store_true',
+                        help=f'show the traceback of an error (or set {DEBUG_ENV}=1)')
+
+
+def run_tool(main):
+    """Run a tool's ``main()``. An exception becomes one ``error: ...`` line on stderr and exit
+    status 1; with ``--debug`` on the command line or ``MMMETAFORMER_DEBUG=1`` it is raised
+    with its traceback instead."""
+    try:
+        main()
+    except Exception as err:
+        if '--debug' in sys.argv[1:] or os.getenv(DEBUG_ENV, '0') not in ('', '0'):
+            raise
+        sys.exit(f'error: {describe_error(err)}')
+
+
+def describe_error(err: BaseException) -> str:
+    """The message of ``err``, or of the CheckpointError it was raised from; other errors
+    than a missing or bad file are named with their type and a pointer to ``--debug``."""
+    cause = err
+    while cause is not None and not isinstance(cause, CheckpointError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return str(cause)
+    if isinstance(err, (FileNotFoundError, PermissionError)):
+        return str(err)
+    return f'{type(err).__name__}: {err} (rerun with --debug for the traceback)'
+
+
+def check_file(path: str, what: str):
+    """Exit with one line if ``path`` (not a URL) is not a file."""
+    if '://' not in path and not osp.isfile(path):
+        raise SystemExit(f'error: {what} file not found: {path}' + (
+            '; pass the .pth a training run wrote, e.g. work_dirs/<config name>/epoch_12.pth'
+            if what == 'checkpoint' else ''))
 
 
 def add_common_args(parser: argparse.ArgumentParser):
@@ -23,6 +90,7 @@ def add_common_args(parser: argparse.ArgumentParser):
                         default='none', help='job launcher')
     # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    add_debug_arg(parser)
 
 
 def load_config(args, dataloaders=('train_dataloader', 'val_dataloader', 'test_dataloader')):
@@ -30,6 +98,7 @@ def load_config(args, dataloaders=('train_dataloader', 'val_dataloader', 'test_d
     check that the datasets of ``dataloaders`` exist (one clear message, exit status 1, if
     not)."""
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    check_file(args.config, 'config')
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:

@@ -3,7 +3,7 @@
 # dist_train.sh and dist_test.sh call it:
 #   tools/dist_launch.sh NPROC SCRIPT [SCRIPT arguments]
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and PORT on every node.
-# PYTHON selects the interpreter (default: python).
+# PYTHON selects the interpreter (default: the active environment, else .venv; see below).
 set -euo pipefail
 NPROC=$1
 SCRIPT=$2
@@ -12,9 +12,17 @@ NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 TOOLS="$(cd "$(dirname "$0")" && pwd)"
+# The interpreter: $PYTHON, else `python` of an active virtualenv / conda environment, else the
+# project's .venv (tools/setup_env.sh) when it exists, else `python`.
+if [[ -z "${PYTHON:-}" ]]; then
+  PYTHON=python
+  if [[ -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" && -x "$TOOLS/../.venv/bin/python" ]]; then
+    PYTHON="$TOOLS/../.venv/bin/python"
+  fi
+fi
 
 PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}" \
-"${PYTHON:-python}" -m torch.distributed.run \
+"$PYTHON" -m torch.distributed.run \
     --nnodes="$NNODES" \
     --node_rank="$NODE_RANK" \
     --master_addr="$MASTER_ADDR" \

@@ -1,53 +1,104 @@
-"""Run a detector or segmentor on one image and save a picture of its predictions.
+"""Run a detector or segmentor on images and save a picture of its predictions per image.
 
-    python tools/infer.py IMAGE CONFIG CHECKPOINT [--out result.png] [--device cpu]
+    python tools/infer.py IMAGES CONFIG CHECKPOINT [--out result.png] [--device cpu]
         [--score-thr 0.3] [--opacity 0.5]
 
+IMAGES is an image file, a folder (its .jpg/.jpeg/.png/.bmp files) or a quoted glob pattern
+(``'data/*.jpg'``). One image: ``--out`` is the picture (default ``result.png``); several:
+``--out`` is a folder (default ``infer_results/``) that gets ``<image name>.png`` per image.
 Detection: boxes, class names, scores and instance masks above ``--score-thr``.
 Segmentation: the predicted label map blended over the image.
 """
 import argparse
+import glob
+import os
+import os.path as osp
 
-import mmcv
-import torch
-from mmengine.config import Config
+from common import add_debug_arg, check_file, run_tool
 
-import mmmetaformer  # noqa: F401  (registers the backbones, applies mmmetaformer.compat)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('image', help='image file')
+    parser.add_argument('images', help='image file, folder or quoted glob pattern')
     parser.add_argument('config', help='config file (mmdet or mmseg)')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--out', default='result.png', help='output picture')
-    parser.add_argument('--device', default='cuda:0' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--out', help='output picture for one image (default result.png), '
+                        'output folder for several (default infer_results/)')
+    parser.add_argument('--device', help='default: cuda:0 if available, else cpu')
     parser.add_argument('--score-thr', type=float, default=0.3,
                         help='detection: draw boxes scoring at least this')
     parser.add_argument('--opacity', type=float, default=0.5,
                         help='segmentation: opacity of the label overlay')
+    add_debug_arg(parser)
     return parser.parse_args(argv)
 
 
-def draw_detections(image, config, checkpoint, out, device, score_thr):
+def find_images(spec):
+    """The image files ``spec`` names: a file, a folder's images, or a glob's matches."""
+    if osp.isfile(spec):
+        return [spec]
+    paths = glob.glob(osp.join(spec, '*')) if osp.isdir(spec) else glob.glob(spec)
+    images = sorted(p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS) and osp.isfile(p))
+    if not images:
+        what = 'folder' if osp.isdir(spec) else 'file or pattern'
+        raise SystemExit(f'error: no images found at {spec} ({what}); pass an image file, a '
+                         f'folder of {"/".join(IMAGE_EXTENSIONS)} files or a quoted glob')
+    return images
+
+
+def output_paths(spec, images, out):
+    """One picture path per image: ``out`` itself for a single image file, else
+    ``out/<image name>.png``."""
+    if osp.isfile(spec):
+        return [out or 'result.png']
+    out = out or 'infer_results'
+    if out.lower().endswith(IMAGE_EXTENSIONS):
+        raise SystemExit(f'error: {spec} names {len(images)} images; --out must be a folder, '
+                         f'got {out}')
+    os.makedirs(out, exist_ok=True)
+    return [osp.join(out, osp.splitext(osp.basename(p))[0] + '.png') for p in images]
+
+
+def init_predictor(cfg, checkpoint, device):
+    """The mmdet detector or mmseg segmentor of ``cfg`` with ``checkpoint`` loaded."""
+    if cfg.get('default_scope') == 'mmdet':
+        from mmdet.apis import init_detector
+        return init_detector(cfg, checkpoint, device=device)
+    from mmseg.apis import init_model
+    return init_model(cfg, checkpoint, device=device)
+
+
+def draw_detections(model, image, out, score_thr):
     """Predict with mmdet and draw boxes, labels and masks into ``out``; returns the
     predicted instances."""
-    from mmdet.apis import inference_detector, init_detector
-    from mmdet.registry import VISUALIZERS
-    model = init_detector(config, checkpoint, device=device)
+    import mmcv
+    from mmdet.apis import inference_detector
     result = inference_detector(model, image)
-    visualizer = VISUALIZERS.build(dict(model.cfg.visualizer, name='infer', vis_backends=None))
-    visualizer.dataset_meta = model.dataset_meta
+    visualizer = _visualizer(model)
     visualizer.add_datasample('result', mmcv.imread(image, channel_order='rgb'), result,
                               draw_gt=False, pred_score_thr=score_thr, out_file=out)
     return result.pred_instances
 
 
-def draw_segmentation(image, config, checkpoint, out, device, opacity):
+def _visualizer(model):
+    """One mmdet visualizer per process (mmengine keeps instances by name)."""
+    from mmdet.registry import VISUALIZERS
+    from mmdet.visualization import DetLocalVisualizer
+    if DetLocalVisualizer.check_instance_created('infer'):
+        visualizer = DetLocalVisualizer.get_instance('infer')
+    else:
+        visualizer = VISUALIZERS.build(dict(model.cfg.visualizer, name='infer',
+                                            vis_backends=None))
+    visualizer.dataset_meta = model.dataset_meta
+    return visualizer
+
+
+def draw_segmentation(model, image, out, opacity):
     """Predict with mmseg and blend the label map over the image into ``out``; returns the
     predicted label map."""
-    from mmseg.apis import inference_model, init_model, show_result_pyplot
-    model = init_model(config, checkpoint, device=device)
+    from mmseg.apis import inference_model, show_result_pyplot
     result = inference_model(model, image)
     show_result_pyplot(model, image, result, opacity=opacity, show=False, out_file=out)
     return result.pred_sem_seg
@@ -55,20 +106,29 @@ def draw_segmentation(image, config, checkpoint, out, device, opacity):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_file(args.config, 'config')
+    check_file(args.checkpoint, 'checkpoint')
+    images = find_images(args.images)
+    outs = output_paths(args.images, images, args.out)
+
+    import torch
+    from mmengine.config import Config
     cfg = Config.fromfile(args.config)
     scope = cfg.get('default_scope')
-    if scope == 'mmdet':
-        pred = draw_detections(args.image, cfg, args.checkpoint, args.out, args.device,
-                               args.score_thr)
-        print(f'{(pred.scores >= args.score_thr).sum()} detections scoring >= '
-              f'{args.score_thr}; picture saved to {args.out}')
-    elif scope == 'mmseg':
-        draw_segmentation(args.image, cfg, args.checkpoint, args.out, args.device, args.opacity)
-        print(f'segmentation saved to {args.out}')
-    else:
+    if scope not in ('mmdet', 'mmseg'):
         raise SystemExit(f'error: infer.py takes mmdet or mmseg configs, got default_scope '
                          f'{scope!r} in {args.config}')
+    device = args.device or ('cuda:0' if torch.cuda.is_available() else 'cpu')
+    model = init_predictor(cfg, args.checkpoint, device)
+    for image, out in zip(images, outs):
+        if scope == 'mmdet':
+            pred = draw_detections(model, image, out, args.score_thr)
+            print(f'{image}: {int((pred.scores >= args.score_thr).sum())} detections scoring '
+                  f'>= {args.score_thr} -> {out}')
+        else:
+            draw_segmentation(model, image, out, args.opacity)
+            print(f'{image}: segmentation -> {out}')
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

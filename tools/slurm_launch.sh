@@ -2,7 +2,7 @@
 # srun for a script of tools/, one task per GPU; slurm_train.sh and slurm_test.sh call it:
 #   [GPUS=8] [GPUS_PER_NODE=8] [CPUS_PER_TASK=5] [SRUN_ARGS=...] \
 #   tools/slurm_launch.sh PARTITION JOB_NAME SCRIPT [SCRIPT arguments]
-# PYTHON selects the interpreter (default: python).
+# PYTHON selects the interpreter (default: the active environment, else .venv; see below).
 set -euxo pipefail
 PARTITION=$1
 JOB_NAME=$2
@@ -12,6 +12,14 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-}
 TOOLS="$(cd "$(dirname "$0")" && pwd)"
+# The interpreter: $PYTHON, else `python` of an active virtualenv / conda environment, else the
+# project's .venv (tools/setup_env.sh) when it exists, else `python`.
+if [[ -z "${PYTHON:-}" ]]; then
+  PYTHON=python
+  if [[ -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" && -x "$TOOLS/../.venv/bin/python" ]]; then
+    PYTHON="$TOOLS/../.venv/bin/python"
+  fi
+fi
 
 PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}" \
 srun -p "$PARTITION" \
@@ -22,4 +30,4 @@ srun -p "$PARTITION" \
     --cpus-per-task="$CPUS_PER_TASK" \
     --kill-on-bad-exit=1 \
     $SRUN_ARGS \
-    "${PYTHON:-python}" -u "$TOOLS/$SCRIPT" "${@:4}"
+    "$PYTHON" -u "$TOOLS/$SCRIPT" "${@:4}"

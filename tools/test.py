@@ -8,7 +8,7 @@ top-1/top-5 accuracy (mmpretrain).
 """
 import argparse
 
-from common import add_common_args, build_runner, finish, load_config
+from common import add_common_args, build_runner, check_file, finish, load_config, run_tool
 
 
 def parse_args():
@@ -40,6 +40,7 @@ def enable_drawing(cfg, scope, show_dir):
 
 def main():
     args = parse_args()
+    check_file(args.checkpoint, 'checkpoint')
     cfg = load_config(args, dataloaders=('test_dataloader',))
     cfg.load_from = args.checkpoint
     scope = cfg.get('default_scope')
@@ -62,4 +63,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

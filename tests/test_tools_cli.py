@@ -1,0 +1,93 @@
+"""How the tools talk to a user: one ``error:`` line naming the file (traceback only with
+``--debug`` / MMMETAFORMER_DEBUG=1), no known third-party warnings (and only those hidden),
+and the shell launchers finding the project environment by themselves."""
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DET = 'configs/demo/caformer_s18_maskrcnn_demo.py'
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                                os.getenv('PYTHONPATH')])))
+ENV.pop('MMMETAFORMER_DEBUG', None)
+sys.path.insert(0, str(ROOT / 'tools'))
+import common  # noqa: E402
+
+
+def tool(*args, env=None):
+    """Run ``python tools/<args>``; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env or ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_one_error_line(proc, *words):
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.mark.parametrize('message,category,module', common.KNOWN_WARNINGS)
+def test_known_warnings_hidden_by_message_and_module(message, category, module):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        common.silence_known_warnings()
+        warnings.warn_explicit(message + ' (details)', category, 'x.py', 1, module=module)
+        assert not seen
+        warnings.warn_explicit(message, category, 'x.py', 1, module='my_project')
+        warnings.warn_explicit('something else', category, 'x.py', 1, module=module)
+        warnings.warn_explicit(message, Warning, 'x.py', 1, module=module)
+    assert len(seen) == 3
+
+
+def test_missing_checkpoint_of_test_py(tmp_path):
+    missing = tmp_path / 'epoch_12.pth'
+    proc = tool('tools/test.py', DET, str(missing))
+    assert_one_error_line(proc, 'checkpoint', str(missing))
+    assert 'Warning' not in proc.stderr + proc.stdout
+
+
+def test_infer_checks_files_before_building(tmp_path):
+    checkpoint = tmp_path / 'empty.pth'
+    proc = tool('tools/infer.py', 'no_such.jpg', DET, str(checkpoint))
+    assert_one_error_line(proc, 'checkpoint', str(checkpoint))
+    checkpoint.write_bytes(b'')  # never read: the image is checked before the model is built
+    proc = tool('tools/infer.py', str(tmp_path / 'no_such.jpg'), DET, str(checkpoint))
+    assert_one_error_line(proc, 'no images found', str(tmp_path / 'no_such.jpg'))
+    assert 'Warning' not in proc.stderr + proc.stdout
+
+
+def test_failed_pretrained_download_in_train_py(tmp_path):
+    from mmmetaformer.datasets.demo_data import write_coco_demo
+    data = tmp_path / 'coco'
+    write_coco_demo(str(data), num_train=2, num_val=1, image_size=(96, 64))
+    url = 'http://127.0.0.1:9/caformer_s18.pth'  # the discard port: refused at once
+    config = tmp_path / 'pretrained.py'
+    config.write_text(f"""_base_ = {str(ROOT / DET)!r}
+model = dict(backbone=dict(init_cfg=dict(_delete_=True, type='Pretrained', checkpoint={url!r})))
+train_dataloader = dict(dataset=dict(data_root={str(data)!r}))
+val_dataloader = dict(dataset=dict(data_root={str(data)!r}))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file={str(data / 'annotations/instances_val2017.json')!r})
+""")
+    args = ['tools/train.py', str(config), '--work-dir', str(tmp_path / 'work')]
+    proc = tool(*args)
+    assert_one_error_line(proc, url, 'download')
+    debug = tool(*args, env=dict(ENV, MMMETAFORMER_DEBUG='1'))
+    assert debug.returncode == 1 and 'Traceback' in debug.stderr
+
+
+@pytest.mark.skipif(not (ROOT / '.venv/bin/python').exists(), reason='no .venv')
+def test_dist_launcher_finds_the_project_environment():
+    """With no environment active and PYTHON unset, torchrun comes from .venv."""
+    env = {k: v for k, v in ENV.items() if k not in ('PYTHON', 'VIRTUAL_ENV', 'CONDA_PREFIX')}
+    env['PATH'] = '/usr/bin:/bin'
+    proc = subprocess.run(['bash', 'tools/dist_train.sh', '--help', '1'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'Train a model from an OpenMMLab config' in proc.stdout
