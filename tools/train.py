@@ -5,7 +5,7 @@
 """
 import argparse
 
-from common import add_common_args, build_runner, finish, load_config
+from common import add_common_args, build_runner, finish, load_config, run_tool
 
 
 def parse_args():
@@ -48,4 +48,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)
