@@ -7,6 +7,7 @@ mmpretrain can name ``type='mmmetaformer.CAFormer'`` once ``mmmetaformer`` is im
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import \
     OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
 from mmengine.registry import Registry
 
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='mmmetaformer',
@@ -14,3 +15,5 @@ MODELS = Registry('model', parent=MMENGINE_MODELS, scope='mmmetaformer',
 OPTIM_WRAPPER_CONSTRUCTORS = Registry(
     'optimizer wrapper constructor', parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
     scope='mmmetaformer', locations=['mmmetaformer.engine'])
+OPTIM_WRAPPERS = Registry('optim wrapper', parent=MMENGINE_OPTIM_WRAPPERS, scope='mmmetaformer',
+                          locations=['mmmetaformer.engine'])

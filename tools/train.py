@@ -12,7 +12,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description='Train a model from an OpenMMLab config')
     parser.add_argument('config', help='config file')
     parser.add_argument('--amp', action='store_true',
-                        help='automatic mixed precision (AmpOptimWrapper, GPU only)')
+                        help='mixed precision: fp16 with dynamic loss scaling on GPUs, bf16 '
+                        'autocast of the backbone and neck on CPU')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by (GPUs x batch size) / auto_scale_lr.base_batch_size')
     parser.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
@@ -27,11 +28,10 @@ def main():
     cfg = load_config(args)
     if args.amp:
         from mmengine.device import get_device
-        if get_device() == 'cpu':
-            raise SystemExit('error: --amp needs a GPU (mmengine AmpOptimWrapper)')
-        if cfg.optim_wrapper.get('type', 'OptimWrapper') != 'AmpOptimWrapper':
-            cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.loss_scale = 'dynamic'
+        from mmengine.logging import print_log
+        from mmmetaformer.engine import amp_optim_wrapper
+        cfg.optim_wrapper, chosen = amp_optim_wrapper(cfg.optim_wrapper, get_device())
+        print_log(chosen, logger='current')
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             raise SystemExit('error: --auto-scale-lr needs auto_scale_lr.base_batch_size '

@@ -4,6 +4,8 @@ Inside the stages tensors are channels-last (B, H, W, C), as in the official cod
 layers act on the last dim (on CPU as 1x1 convs, see :class:`PointwiseLinear`) and 2-D ops run
 on a permuted view, which PyTorch treats as a channels_last NCHW tensor without copying.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,17 +19,41 @@ class PointwiseLinear(nn.Linear):
     On CPU it runs as a 1x1 convolution of the channels_last NCHW view of ``x``: oneDNN computes
     that 2-3x faster than the BLAS GEMM behind ``F.linear``, forward and backward (README,
     "Benchmark"). Same parameters (2-D weight), same result up to float rounding.
+
+    ``forward(x, unscale)`` takes an input scaled down by ``unscale`` (see
+    :meth:`StarReLU.forward_scaled`) and returns the output of the true input in float32:
+    the layer is linear, so the scale is applied to its (smaller) output, before the bias.
     """
 
-    def forward(self, x):
+    def forward(self, x, unscale: Optional[torch.Tensor] = None):
+        bias = self.bias if unscale is None else None
         if x.device.type != 'cpu' or x.dim() != 4:
-            return super().forward(x)
-        weight = self.weight[:, :, None, None]
-        return F.conv2d(x.permute(0, 3, 1, 2), weight, self.bias).permute(0, 2, 3, 1)
+            out = F.linear(x, self.weight, bias)
+        else:
+            weight = self.weight[:, :, None, None]
+            out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
+        if unscale is None:
+            return out
+        out = out.float() * unscale
+        return out if self.bias is None else out + self.bias
+
+
+def activate(act: nn.Module, x: torch.Tensor):
+    """``(act(x), None)``, or for StarReLU on a float16 ``x`` the overflow-safe
+    ``(act(x) / unscale, unscale)`` of :meth:`StarReLU.forward_scaled`, for a linear layer
+    (:class:`PointwiseLinear`) to undo."""
+    if x.dtype == torch.float16 and isinstance(act, StarReLU):
+        return act.forward_scaled(x)
+    return act(x), None
 
 
 class Mlp(nn.Module):
-    """The block's channel MLP: ``fc2(act(fc1(x)))`` on a channels-last tensor."""
+    """The block's channel MLP: ``fc2(act(fc1(x)))`` on a channels-last tensor.
+
+    In float16 (autocast) a StarReLU hidden is scaled down before ``fc2`` (:func:`activate`):
+    ``relu(x) ** 2`` passes float16's 65504 once x > 256 while ``fc2``'s output can be small.
+    The output is returned in the input's dtype (float32 under autocast, after the norm).
+    """
 
     def __init__(self, dim: int, hidden: int, act_layer, bias: bool = True):
         super().__init__()
@@ -36,7 +62,10 @@ class Mlp(nn.Module):
         self.fc2 = PointwiseLinear(hidden, dim, bias=bias)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        hidden, unscale = activate(self.act, self.fc1(x))
+        if unscale is None:
+            return self.fc2(hidden)
+        return self.fc2(hidden, unscale).to(x.dtype)
 
 
 def _scaled_square_(relu, scale, bias):
@@ -45,33 +74,55 @@ def _scaled_square_(relu, scale, bias):
     return relu.square_().mul_(scale.to(relu.dtype)).add_(bias.to(relu.dtype))
 
 
+#: The largest StarReLU output that :meth:`StarReLU.forward_scaled` hands on in float16: small
+#: enough that a pointwise layer summing a few thousand such values (times weights <= 1) stays
+#: below 65504, large enough that ordinary activations (< 32 before the square) are not scaled.
+FP16_HIDDEN_LIMIT = 2.0**10
+
+
 class _StarReLUFunction(torch.autograd.Function):
     """StarReLU computed in one new tensor, saving only ``x`` for the backward pass (which
-    recomputes ``relu(x)``)."""
+    recomputes ``relu(x)``); the output is divided by ``unscale`` if given.
+
+    A float16 ``x`` is computed in float32, forward and backward, and rounded once: in float16
+    ``relu(x) ** 2`` overflows once x > 256, and so do the products and sums of the gradient.
+    This costs float32 temporaries of the hidden size in float16 runs only.
+    """
 
     @staticmethod
-    def forward(ctx, x, scale, bias):
-        ctx.save_for_backward(x, scale)
-        return _scaled_square_(F.relu(x), scale, bias)
+    def forward(ctx, x, scale, bias, unscale=None):
+        ctx.save_for_backward(x, scale, unscale)
+        if x.dtype != torch.float16:
+            return _scaled_square_(F.relu(x), scale, bias)
+        if unscale is not None:
+            scale, bias = scale / unscale, bias / unscale
+        return _scaled_square_(F.relu(x).float(), scale, bias).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale = ctx.saved_tensors
+        x, scale, unscale = ctx.saved_tensors
         relu = F.relu(x)
+        if x.dtype == torch.float16:
+            relu, grad = relu.float(), grad.float()
+            if unscale is not None:
+                grad = grad / unscale
         grad_scale = grad_bias = None
         if ctx.needs_input_grad[1]:
             grad_scale = (grad * relu).mul_(relu).sum().reshape(1).to(scale.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum().reshape(1).to(scale.dtype)
-        grad_x = relu.mul_(grad).mul_(2 * scale.to(x.dtype)) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_scale, grad_bias
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = relu.mul_(grad).mul_(2 * scale.to(relu.dtype)).to(x.dtype)
+        return grad_x, grad_scale, grad_bias, None
 
 
 class StarReLU(nn.Module):
     """StarReLU: ``s * relu(x) ** 2 + b`` with learnable scalars s (init 1) and b (init 0).
 
     ``inplace=True`` overwrites ``x`` when no gradients are recorded (inference), as the
-    blocks do with the fresh output of their pointwise layer.
+    blocks do with the fresh output of their pointwise layer; not in float16, which is
+    computed in float32 (see :class:`_StarReLUFunction`).
     """
 
     def __init__(self, scale_value: float = 1.0, bias_value: float = 0.0, inplace: bool = False):
@@ -81,9 +132,23 @@ class StarReLU(nn.Module):
         self.bias = nn.Parameter(torch.full((1,), bias_value))
 
     def forward(self, x):
-        if self.inplace and not torch.is_grad_enabled():
+        if self.inplace and not torch.is_grad_enabled() and x.dtype != torch.float16:
             return _scaled_square_(x.relu_(), self.scale, self.bias)
         return _StarReLUFunction.apply(x, self.scale, self.bias)
+
+    def forward_scaled(self, x):
+        """``(self(x) / unscale, unscale)`` for a float16 ``x``, with ``unscale`` the smallest
+        power of two >= 1 that bounds the result by :data:`FP16_HIDDEN_LIMIT`.
+
+        ``unscale`` is a float32 tensor (no host sync) from the largest element of ``x``: one
+        reduction over the hidden tensor. Powers of two scale exactly; gradients do not flow
+        through ``unscale`` (piecewise constant).
+        """
+        with torch.no_grad():
+            peak = x.amax().float().clamp_(min=0)
+            top = peak.square() * self.scale.abs() + self.bias.abs()
+            unscale = torch.exp2(torch.ceil(torch.log2(top / FP16_HIDDEN_LIMIT))).clamp_(min=1)
+        return _StarReLUFunction.apply(x, self.scale, self.bias, unscale), unscale
 
 
 class SquaredReLU(nn.Module):

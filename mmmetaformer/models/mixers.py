@@ -6,28 +6,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import PointwiseLinear, StarReLU
+from .layers import PointwiseLinear, StarReLU, activate
 
 
 class Pooling(nn.Module):
     """PoolFormer's mixer: ``avgpool3x3(x) - x`` (padding not counted in the average).
 
-    The window sums run as a depthwise convolution with a weight of ones, which oneDNN computes
-    several times faster than ``avg_pool2d`` in training, and are then divided by the window
-    sizes. Like ``avg_pool2d``, it runs in the input's dtype under autocast.
+    The window sums run as a depthwise convolution, which oneDNN computes several times faster
+    than ``avg_pool2d`` in training, and are then divided by the window sizes. Like
+    ``avg_pool2d``, it runs in the input's dtype under autocast. The convolution weight is
+    ``2**-k`` (the smallest power of two <= 1 / window size) instead of 1: a float16 window sum
+    of 9 values near 65504 would overflow, the scaled sum cannot; in float32 the result is
+    unchanged, since a power-of-two scale (of the sums and of the counts) is exact.
     """
 
     def __init__(self, dim: int, pool_size: int = 3):
         super().__init__()
         self.padding = pool_size // 2
-        self.register_buffer('ones', torch.ones(dim, 1, pool_size, pool_size), persistent=False)
+        weight = 2.0**-math.ceil(math.log2(pool_size * pool_size))
+        self.register_buffer('window', torch.full((dim, 1, pool_size, pool_size), weight),
+                             persistent=False)
 
     def forward(self, x):
         x = x.permute(0, 3, 1, 2)
-        ones = self.ones.to(x.dtype)
+        window = self.window.to(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            counts = F.conv2d(x.new_ones(1, 1, *x.shape[2:]), ones[:1], padding=self.padding)
-            sums = F.conv2d(x, ones, padding=self.padding, groups=x.shape[1])
+            counts = F.conv2d(x.new_ones(1, 1, *x.shape[2:]), window[:1], padding=self.padding)
+            sums = F.conv2d(x, window, padding=self.padding, groups=x.shape[1])
         return sums.div_(counts).sub_(x).permute(0, 2, 3, 1)
 
 
@@ -44,9 +49,13 @@ class SepConv(nn.Module):
         self.pwconv2 = PointwiseLinear(hidden, dim, bias=False)
 
     def forward(self, x):
-        x = self.act1(self.pwconv1(x))
-        x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.pwconv2(x)
+        # float16: the StarReLU hidden is scaled down (see layers.activate); the depthwise conv
+        # (no bias) is linear, so pwconv2 undoes the scale on its output.
+        hidden, unscale = activate(self.act1, self.pwconv1(x))
+        hidden = self.dwconv(hidden.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if unscale is None:
+            return self.pwconv2(hidden)
+        return self.pwconv2(hidden, unscale).to(x.dtype)
 
 
 class Attention(nn.Module):
