@@ -139,12 +139,16 @@ def _unreadable(source, err) -> str:
             'download?): download it again.')
 
 
+def url_cache_name(url: str) -> str:
+    """The file name a download of ``url`` is cached under: made from the whole URL, so that
+    two URLs ending in the same name do not share it."""
+    return f'{hashlib.sha256(url.encode()).hexdigest()[:16]}-{os.path.basename(urlparse(url).path)}'
+
+
 def _download_url(url: str) -> str:
     """Download ``url`` once into torch's hub cache, under a name made from the whole URL."""
     from torch.hub import download_url_to_file, get_dir
-    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    name = f'{digest}-{os.path.basename(urlparse(url).path)}'
-    path = os.path.join(get_dir(), 'checkpoints', name)
+    path = os.path.join(get_dir(), 'checkpoints', url_cache_name(url))
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         print_log(f'Downloading {url} to {path}', logger='current')

@@ -45,7 +45,11 @@ def _patch(owner, name, wrapper, *, classmethod_=False):
 # :mod:`mmmetaformer.trust`: the Runner's numpy and ``HistoryBuffer`` data as validated
 # inert data, nothing else. So resume works for checkpoints from any mmengine Runner,
 # without trusting any path, and a pickle that needs more is refused before any of its
-# code runs, leaving no trace.
+# code runs, leaving no trace. Its http(s):// (and torchvision://, open-mmlab://) loader
+# goes through ``torch.hub.load_state_dict_from_url``, whose default is
+# ``weights_only=False``: any such URL in ``load_from`` could run code. It now passes
+# ``weights_only=True`` and caches under a name made from the whole URL (by default two
+# URLs ending in the same file name share one cache entry).
 
 def _weights_only_rejects_history_buffer():
     from mmengine.logging import HistoryBuffer
@@ -78,12 +82,24 @@ def _checkpoint_loader_wrapper(load):
     return load_checkpoint
 
 
+def _weights_only_load_url_wrapper(load_url):
+
+    def load_url_(url, model_dir=None, map_location=None, progress=True, **kwargs):
+        from .checkpoints import url_cache_name
+        return torch.hub.load_state_dict_from_url(
+            url, model_dir, map_location, progress, file_name=url_cache_name(url),
+            weights_only=True)
+
+    return load_url_
+
+
 def _fix_checkpoint_weights_only():
     if not _weights_only_rejects_history_buffer():
         return
-    from mmengine.runner.checkpoint import CheckpointLoader
-    _patch(CheckpointLoader, 'load_checkpoint', _checkpoint_loader_wrapper,
+    from mmengine.runner import checkpoint
+    _patch(checkpoint.CheckpointLoader, 'load_checkpoint', _checkpoint_loader_wrapper,
            classmethod_=True)
+    _patch(checkpoint, 'load_url', _weights_only_load_url_wrapper)
 
 
 # --- 2. mmengine Runner checkpoints: code in meta['config'], non-atomic saves --------

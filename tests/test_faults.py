@@ -3,6 +3,7 @@ checkpoints, tensors that cannot load as they are, bad locations and arguments."
 import functools
 import http.server
 import os
+import pickle
 import re
 import signal
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mmengine.runner import CheckpointLoader
 
 from mmmetaformer.checkpoints import CheckpointError, load_pretrained, read_checkpoint
 from mmmetaformer.models import PoolFormerV2, RandFormer
@@ -24,6 +26,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_trust import _runner  # noqa: E402  (the tiny mmengine training setup)
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+
+
+class _RunsCode:
+    """Unpickling this calls ``open(marker, 'w')``: stands for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
 
 # A tiny run that checkpoints every iteration keeping one file; the save of iteration 2
 # writes half of the file, says so with a marker file and waits to be killed.
@@ -186,26 +198,44 @@ def test_unsupported_schemes_are_named(scheme):
         read_checkpoint(f'{scheme}://host/dir/model.pth')
 
 
-def test_url_cache_is_keyed_by_the_whole_url(tmp_path, monkeypatch):
-    served = tmp_path / 'served'
-    states = {}
-    for name in ('a', 'b'):
-        (served / name).mkdir(parents=True)
-        states[name] = _state()
-        torch.save(states[name], served / name / 'model.pth')
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """(folder, its http:// URL): a local web server; torch's hub cache in tmp_path/hub."""
+    folder = tmp_path / 'served'
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     monkeypatch.setattr(http.server.SimpleHTTPRequestHandler, 'log_message', lambda *a: None)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
     server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
-    try:
-        for name in ('a', 'b', 'a'):
-            model = PoolFormerV2(arch=TINY)
-            load_pretrained(model, f'http://127.0.0.1:{server.server_port}/{name}/model.pth')
-            assert all(v.equal(states[name][k]) for k, v in model.state_dict().items())
-    finally:
-        server.shutdown()
+    yield folder, f'http://127.0.0.1:{server.server_port}'
+    server.shutdown()
+
+
+def test_url_cache_is_keyed_by_the_whole_url(served, tmp_path):
+    folder, url = served
+    states = {}
+    for name in ('a', 'b'):
+        (folder / name).mkdir()
+        states[name] = _state()
+        torch.save(dict(state_dict=states[name]), folder / name / 'model.pth')
+    for name in ('a', 'b', 'a'):
+        model = PoolFormerV2(arch=TINY)
+        load_pretrained(model, f'{url}/{name}/model.pth')
+        assert all(v.equal(states[name][k]) for k, v in model.state_dict().items())
+        loaded = CheckpointLoader.load_checkpoint(f'{url}/{name}/model.pth')  # load_from
+        assert all(v.equal(states[name][k]) for k, v in loaded['state_dict'].items())
     assert len(list((tmp_path / 'hub' / 'checkpoints').iterdir())) == 2
+
+
+def test_urls_in_load_from_run_no_code(served, tmp_path):
+    """mmengine reads http(s) URLs with torch.hub, which defaults to weights_only=False."""
+    folder, url = served
+    marker = tmp_path / 'pwned'
+    torch.save(dict(state_dict=_state(), extra=_RunsCode(marker)), folder / 'evil.pth')
+    with pytest.raises(pickle.UnpicklingError, match='Refused to load'):
+        CheckpointLoader.load_checkpoint(f'{url}/evil.pth')
+    assert not marker.exists()
 
 
 def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
