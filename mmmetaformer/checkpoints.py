@@ -122,10 +122,11 @@ def _read_file(path: str, source: str):
                 "weights_only=False); torch.save(ck.get('state_dict', ck.get('model', ck)), "
                 "'converted.pth')")
         raise CheckpointError(
-            f'refused to load {source}: it is a pickle that needs arbitrary Python code to '
-            f'unpickle ({err.reason}). A checkpoint only needs tensors, so it was not '
-            'unpickled and nothing from it was executed. If you trust the file and where it '
-            'came from, re-save just its tensors once and use the result instead:\n'
+            f'refused to load {source}: it is a pickle that needs more than tensors and plain '
+            f'data ({err.reason}), and unpickling it could run arbitrary Python code or crash. '
+            'A checkpoint only needs tensors, so nothing from it was built or executed. If you '
+            'trust the file and where it came from, re-save just its tensors once and use the '
+            'result instead:\n'
             f'  python -c {shlex.quote(code)}\n'
             '(or write them with safetensors.torch.save_file).') from None
     except Exception as err:

@@ -262,7 +262,7 @@ def test_resave_command_quotes_the_path(tmp_path, monkeypatch):
     marker = tmp_path / 'pwned'
     path = tmp_path / "ck$(touch pwned)'.pth"
     torch.save(dict(state_dict={'w': torch.ones(2)}, extra=collections.deque()), path)
-    with pytest.raises(CheckpointError, match='needs arbitrary Python code') as err:
+    with pytest.raises(CheckpointError, match='could run arbitrary Python code') as err:
         read_checkpoint(str(path))
     command = next(line.strip() for line in str(err.value).splitlines()
                    if line.strip().startswith('python -c'))
