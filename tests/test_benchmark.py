@@ -1,5 +1,6 @@
 """tools/benchmark.py runs on a tiny input and writes the documented table and JSON fields
-(no timings are checked)."""
+(no timings are checked), alone and inside a whole Mask R-CNN (--task maskrcnn); and
+tools/gpu_check.py skips with one line without a GPU."""
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ['caformer_s18', 'identityformer_s12']  # with a timm model, and ours only
@@ -14,7 +16,7 @@ MODES = ['forward', 'train']
 REPEATS = 2
 MACHINE_FIELDS = {'cpu', 'cores', 'usable_cores', 'threads', 'python', 'platform', 'torch', 'timm',
                   'cuda', 'cuda_device', 'memory_method'}
-RECORD_FIELDS = {'model', 'size', 'mode', 'batch', 'device', 'dtype', 'channels_last', 'with_cp',
+RECORD_FIELDS = {'task', 'model', 'size', 'mode', 'batch', 'device', 'dtype', 'channels_last', 'with_cp',
                  'timm_with_cp', 'ours_ms', 'timm_ms', 'ratio', 'ours_peak_mib', 'timm_peak_mib',
                  'mem_ratio', 'max_abs_diff', 'repeats', 'warmup', 'ours_samples_ms',
                  'timm_samples_ms'}
@@ -22,16 +24,20 @@ TIMM_FIELDS = ('timm_ms', 'ratio', 'timm_peak_mib', 'mem_ratio', 'max_abs_diff',
                'timm_samples_ms')
 
 
+def run_benchmark(out, *args):
+    proc = subprocess.run(
+        [sys.executable, 'tools/benchmark.py', *args, '--batch', '1', '--repeats', str(REPEATS),
+         '--device', 'cpu', '--threads', '1', '--json', str(out)],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 @pytest.fixture(scope='module')
 def benchmark(tmp_path_factory):
     out = tmp_path_factory.mktemp('benchmark') / 'out.json'
-    proc = subprocess.run(
-        [sys.executable, 'tools/benchmark.py', '--models', *MODELS, '--sizes', '64x64',
-         '--batch', '1', '--repeats', str(REPEATS), '--warmup', '1', '--device', 'cpu',
-         '--threads', '1', '--json', str(out)],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-        timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_benchmark(out, '--models', *MODELS, '--sizes', '64x64', '--warmup', '1')
     return proc.stdout, json.loads(out.read_text())
 
 
@@ -80,3 +86,34 @@ def test_printed_table(benchmark):
     assert [row[:3] for row in rows] == [[r['model'], r['size'], r['mode']]
                                          for r in result['records']]
     assert all(row[4] == '-' for row in rows if row[0] == 'identityformer_s12')
+
+
+def test_detector_mode(tmp_path):
+    """--task maskrcnn: the project's Mask R-CNN config with our backbone against the same model
+    with mmpretrain's TIMMBackbone, one test forward and one training step each: the records
+    carry the task, no memory figures, and backbone + FPN features equal (same weights)."""
+    out = tmp_path / 'dense.json'
+    proc = run_benchmark(out, '--task', 'maskrcnn', '--models', 'caformer_s18',
+                         '--sizes', '64x96', '--warmup', '0')
+    records = json.loads(out.read_text())['records']
+    assert [(r['task'], r['model'], r['size'], r['mode']) for r in records] == [
+        ('maskrcnn', 'caformer_s18', '64x96', mode) for mode in MODES]
+    for r in records:
+        assert set(r) == RECORD_FIELDS
+        assert r['ours_ms'] > 0 and r['timm_ms'] > 0
+        assert r['ratio'] == pytest.approx(r['ours_ms'] / r['timm_ms'], rel=1e-3)
+        assert r['ours_peak_mib'] is None and r['timm_peak_mib'] is None
+        assert r['max_abs_diff'] < 1e-3  # same network: FPN outputs of the two models
+    assert '[1/1] caformer_s18 64x96 train:' in proc.stderr  # progress, before each measurement
+    assert len([line for line in proc.stdout.splitlines() if line.startswith('caformer_s18')]) == 2
+
+
+def test_gpu_check_skips_without_gpu():
+    """No CUDA device: one line, exit status 0."""
+    if torch.cuda.is_available():
+        pytest.skip('a CUDA device is present')
+    proc = subprocess.run([sys.executable, 'tools/gpu_check.py'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0
+    assert (proc.stdout + proc.stderr).strip().splitlines() == [proc.stdout.strip()]
+    assert proc.stdout.startswith('gpu_check: skipped, no CUDA device')

@@ -1,9 +1,10 @@
-"""Latency and peak memory of the MetaFormer backbones against timm's ``features_only`` models.
+"""Latency and peak memory of the MetaFormer backbones against timm's ``features_only`` models,
+alone or inside a whole mmdet Mask R-CNN / mmseg UperNet.
 
-    python tools/benchmark.py [--models NAME ...] [--sizes 224 512x512 800x1333] [--batch N]
-        [--device cpu|cuda] [--dtype fp32|bf16] [--channels-last] [--with-cp]
-        [--modes forward train] [--repeats N] [--warmup N] [--threads N] [--no-memory]
-        [--json OUT]
+    python tools/benchmark.py [--task backbone|maskrcnn|upernet] [--models NAME ...]
+        [--sizes 224 512x512 800x1333] [--batch N] [--device cpu|cuda] [--dtype fp32|bf16]
+        [--channels-last] [--with-cp] [--modes forward train] [--repeats N] [--warmup N]
+        [--threads N] [--no-memory] [--json OUT]
 
 Both models hold the same weights (a timm model's state dict, loaded into ours through
 ``init_cfg``) and return the raw stage outputs; their largest output difference is recorded
@@ -11,8 +12,15 @@ for every case. Repetitions of ours and timm alternate (ABBA order) and the medi
 reported. Peak memory is the memory a step needs on top of the model and its input: on CUDA
 from ``max_memory_allocated``, on CPU from the peak RSS of a fresh process (see
 README, "Benchmark"). IdentityFormer and RandFormer have no timm model: ours only.
+
+``--task maskrcnn`` / ``upernet``: the model of the project's COCO / ADE20K config for the arch,
+with this project's backbone against the same model with ``mmpretrain.TIMMBackbone``
+(``features_only``), all other weights copied; ``forward`` is a test forward (``predict``),
+``train`` a training step (loss, backward) on a synthetic batch; no memory figures.
 """
 import argparse
+import copy
+import importlib
 import json
 import os
 import platform
@@ -23,6 +31,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from typing import Optional
 
 import timm
 import torch
@@ -33,6 +42,12 @@ from safetensors.torch import save_file
 from mmmetaformer.models import ARCHS, MetaFormer
 
 MIB = 2**20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: --task: (scope, config of the arch) of the whole models.
+DENSE_TASKS = {
+    'maskrcnn': ('mmdet', 'configs/coco/mask-rcnn_{family}-{size}_fpn_1x_coco.py'),
+    'upernet': ('mmseg', 'configs/ade20k/upernet_{family}-{size}_8xb2-160k_ade20k-512x512.py'),
+}
 #: glibc: serve every buffer of 64 KiB or more by mmap, so that freeing it lowers the RSS.
 CHILD_ENV = dict(MALLOC_MMAP_THRESHOLD_='65536')
 
@@ -47,6 +62,8 @@ def parse_size(text: str):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--task', default='backbone', choices=['backbone', *DENSE_TASKS],
+                        help='the backbone alone, or inside a whole Mask R-CNN / UperNet')
     parser.add_argument('--models', nargs='+', default=['caformer_s18', 'convformer_s18'],
                         choices=list(ARCHS), metavar='NAME',
                         help='arch names (default: %(default)s)')
@@ -75,6 +92,13 @@ def parse_args(argv=None):
         parser.error('--batch, --repeats and --threads must be >= 1, --warmup >= 0')
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')
+    if args.task != 'backbone':
+        missing = [name for name in args.models if not timm.is_model(name)
+                   or not os.path.exists(dense_config(args.task, name))]
+        if missing or args.with_cp:
+            parser.error(f'--task {args.task}: no config or no timm model for {missing}'
+                         if missing else f'--task {args.task}: --with-cp is for the backbone alone')
+        args.no_memory = True
     return args
 
 
@@ -143,27 +167,130 @@ def make_input(args, size, device):
     return x.to(memory_format=torch.channels_last) if args.channels_last else x
 
 
+def autocast(device_type: str, dtype: str):
+    if dtype == 'bf16':
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def make_step(model, x, mode: str, dtype: str):
     """One inference (eval, inference mode) or training step (train, forward + backward of
     the sum of the outputs' means; the gradients are freed after it, as ``zero_grad`` would
     after the optimizer step, so that the model holds none between steps)."""
-    def autocast():
-        if dtype == 'bf16':
-            return torch.autocast(x.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     def forward():
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), autocast(x.device.type, dtype):
             model(x)
 
     def train():
-        with autocast():
+        with autocast(x.device.type, dtype):
             loss = sum(out.float().mean() for out in model(x))
         loss.backward()
         model.zero_grad(set_to_none=True)
 
     model.train(mode == 'train')
     return forward if mode == 'forward' else train
+
+
+# --- whole detectors and segmentors (--task) ------------------------------------------------
+
+def dense_config(task: str, name: str) -> str:
+    family, size = name.rsplit('_', 1)
+    return os.path.join(ROOT, DENSE_TASKS[task][1].format(family=family, size=size))
+
+
+def build_dense(task: str, name: str, backbone: dict) -> nn.Module:
+    """The model of the project's ``task`` config for ``name`` with ``backbone`` (on CPU,
+    SyncBN as BN)."""
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import init_default_scope
+    scope = DENSE_TASKS[task][0]
+    cfg = Config.fromfile(dense_config(task, name))
+    cfg.model.backbone = backbone
+    init_default_scope(scope)
+    return revert_sync_batchnorm(importlib.import_module(f'{scope}.registry').MODELS.build(cfg.model))
+
+
+def build_dense_pair(args, name: str, device) -> dict:
+    """Ours and the peer, ``mmpretrain.TIMMBackbone(features_only=True)``, in the ``--task``
+    model: both backbones load one timm file (seed 0, perturbed), every other weight is copied
+    from ours. TIMMBackbone returns the raw stage outputs, so ours runs with ``out_norm=None``
+    (the output norms, a few elementwise ops, are left out of both)."""
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = os.path.join(tmp, f'{name}.safetensors')
+        save_file(perturb(timm.create_model(name)).state_dict(), checkpoint)
+        ours = build_dense(args.task, name, dict(
+            type='mmmetaformer.MetaFormer', arch=name, out_norm=None,
+            init_cfg=dict(type='Pretrained', checkpoint=checkpoint)))
+        ours.init_weights()
+        peer = build_dense(args.task, name, dict(
+            type='mmpretrain.TIMMBackbone', model_name=name, features_only=True,
+            pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint)))
+    heads = {k: v for k, v in ours.state_dict().items() if not k.startswith('backbone.')}
+    missing, unexpected = peer.load_state_dict(heads, strict=False)
+    if unexpected or not all(key.startswith('backbone.') for key in missing):
+        raise RuntimeError(f'{args.task} {name}: the peer model differs outside the backbone: '
+                           f'{unexpected or missing}')
+    models = {'ours': ours, 'timm': peer}
+    for model in models.values():
+        model.to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+    return models
+
+
+def dense_batch(task: str, size, batch: int) -> dict:
+    """A synthetic batch of the data loader's form: random images with 5 random boxes and
+    masks (``maskrcnn``, 80 classes) or a random label map (``upernet``, 150 classes)."""
+    if task == 'maskrcnn':
+        from mmdet.testing import demo_mm_inputs
+        torch.manual_seed(0)
+        return demo_mm_inputs(batch, [(3, *size)] * batch, num_items=[5] * batch,
+                              num_classes=80, with_mask=True)
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    gen = torch.Generator().manual_seed(0)
+    inputs, samples = [], []
+    for _ in range(batch):
+        inputs.append(torch.randint(0, 256, (3, *size), generator=gen, dtype=torch.uint8))
+        sample = SegDataSample(metainfo=dict(img_shape=size, ori_shape=size, pad_shape=size))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, *size), generator=gen))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def make_dense_step(model, batch: dict, mode: str, dtype: str):
+    """A test forward (eval, inference mode, ``predict``) or a training step (``loss``,
+    backward of the summed losses, gradients freed) of a whole model on ``batch``."""
+    data = model.data_preprocessor(copy.deepcopy(batch), mode == 'train')
+    device_type = data['inputs'].device.type
+
+    def forward():
+        with torch.inference_mode(), autocast(device_type, dtype):
+            model(**data, mode='predict')
+
+    def train():
+        with autocast(device_type, dtype):
+            loss, _ = model.parse_losses(model(**data, mode='loss'))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    model.train(mode == 'train')
+    return forward if mode == 'forward' else train
+
+
+def case_steps(args, models: dict, size, device):
+    """For one size: the largest output difference of the models (backbone: the stage
+    outputs; whole models: ``extract_feat``) and a function ``(model, mode) -> step``."""
+    if args.task == 'backbone':
+        x = make_input(args, size, device)
+        diff = max_abs_diff(models['ours'], models.get('timm'), lambda m: m(x))
+        return diff, lambda model, mode: make_step(model, x, mode, args.dtype)
+    batch = dense_batch(args.task, size, args.batch)
+    inputs = models['ours'].data_preprocessor(copy.deepcopy(batch), False)['inputs']
+    diff = max_abs_diff(models['ours'], models['timm'], lambda m: m.extract_feat(inputs))
+    return diff, lambda model, mode: make_dense_step(model, batch, mode, args.dtype)
 
 
 def sync(device):
@@ -193,10 +320,14 @@ def time_interleaved(steps: dict, device, warmup: int, repeats: int) -> dict:
 
 
 @torch.no_grad()
-def max_abs_diff(ours, reference, x) -> float:
+def max_abs_diff(ours, reference, outputs) -> Optional[float]:
+    """Largest difference of ``outputs(model)`` (a sequence of tensors) in eval mode."""
+    if reference is None:
+        return None
     ours.eval()
     reference.eval()
-    return max((a.float() - b.float()).abs().max().item() for a, b in zip(ours(x), reference(x)))
+    pairs = zip(outputs(ours), outputs(reference))
+    return max((a.float() - b.float()).abs().max().item() for a, b in pairs)
 
 
 # --- peak memory ---------------------------------------------------------------------------
@@ -297,7 +428,8 @@ def make_record(args, name, size, mode, times, peaks, diff, timm_with_cp) -> dic
     def ratio(a, b):
         return round(a / b, 4) if a is not None and b else None
 
-    return dict(model=name, size=f'{size[0]}x{size[1]}', mode=mode, batch=args.batch,
+    return dict(task=args.task, model=name, size=f'{size[0]}x{size[1]}', mode=mode,
+                batch=args.batch,
                 device=args.device, dtype=args.dtype, channels_last=args.channels_last,
                 with_cp=args.with_cp, timm_with_cp=timm_with_cp,
                 ours_ms=ms('ours'), timm_ms=ms('timm'), ratio=ratio(ms('ours'), ms('timm')),
@@ -330,6 +462,11 @@ def table_row(record=None) -> str:
     return '  '.join(cells)
 
 
+def progress(text: str):
+    """A progress line on stderr (the table on stdout stays clean)."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -338,17 +475,24 @@ def run(args) -> dict:
                   settings=dict(vars(args), sizes=[f'{h}x{w}' for h, w in args.sizes]),
                   records=[])
     del result['settings']['memory_child']
-    print(table_row())
+    print(table_row(), flush=True)
+    total, number = len(args.models) * len(args.sizes), 0
     for name in args.models:
-        models, timm_with_cp = build_pair(args, name, device)
+        progress(f'{name}: building the models')
+        models, timm_with_cp = (build_pair(args, name, device) if args.task == 'backbone'
+                                else (build_dense_pair(args, name, device), None))
         for size in args.sizes:
-            x = make_input(args, size, device)
-            diff = max_abs_diff(models['ours'], models['timm'], x) if 'timm' in models else None
+            number += 1
+            case = f'[{number}/{total}] {name} {size[0]}x{size[1]}'
+            diff, step_of = case_steps(args, models, size, device)
             peaks = {}
             if not args.no_memory and device.type == 'cpu':
+                progress(f'{case}: peak memory, a fresh process per model')
                 peaks = {impl: cpu_peaks(args, impl, name, size) for impl in models}
             for mode in args.modes:
-                steps = {impl: make_step(m, x, mode, args.dtype) for impl, m in models.items()}
+                progress(f'{case} {mode}: {args.warmup} + {args.repeats} runs of '
+                         f'{" and ".join(models)}')
+                steps = {impl: step_of(m, mode) for impl, m in models.items()}
                 times = time_interleaved(steps, device, args.warmup, args.repeats)
                 if not args.no_memory and device.type == 'cuda':
                     for impl, step in steps.items():
