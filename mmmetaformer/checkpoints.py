@@ -173,7 +173,7 @@ def atomic_save(obj, path: str) -> None:
         os.remove(stale)  # left by a save that was killed
     tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
     try:
-        with open(tmp, 'wb') as f:
+        with open(tmp, 'xb') as f:  # never through a file or link already there
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
