@@ -20,7 +20,8 @@ GENERATED = generate.configs()
 ZOO = {path: (recipe, family, size) for path, recipe, family, size, _ in generate.zoo()}
 # every config of this issue: the generated zoo, the headline config and the demos
 ALL = sorted([*GENERATED, 'caformer_s18_maskrcnn.py',
-              *(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / 'demo').glob('*.py'))])
+              *(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / 'demo').glob('*.py')
+                if 'imagenet' not in p.name)])  # the ImageNet demo: tests/test_tools_demo.py
 
 # (lr, weight decay, layer decay paramwise_cfg or None, auto_scale_lr base batch size)
 RECIPES = {

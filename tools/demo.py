@@ -2,91 +2,179 @@
 
 1. write the demo datasets (COCO, ADE20K and ImageNet layouts) under ``data/demo``;
 2. train ``configs/demo/caformer_s18_maskrcnn_demo.py`` (``configs/caformer_s18_maskrcnn.py``
-   on the demo COCO set, from scratch) with tools/train.py;
-3. evaluate the checkpoint with tools/test.py (pycocotools bbox and segm mAP);
-4. draw its predictions on the busiest validation image with tools/infer.py.
+   on the demo COCO set, from scratch) with tools/train.py, which evaluates the last epoch
+   with pycocotools (bbox and segm AP, per class);
+3. draw the predictions on the busiest validation image and check them against its objects.
+
+Only progress lines and a summary are printed; the full log is ``WORK_DIR/demo.log``.
 
     python tools/demo.py [--work-dir work_dirs/demo]
 """
 import argparse
 import collections
+import contextlib
 import glob
+import io
 import json
 import os
 import os.path as osp
+import re
 import subprocess
 import sys
 import time
 
+from common import add_debug_arg, run_tool
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = 'configs/demo/caformer_s18_maskrcnn_demo.py'
 DATA_ROOT = 'data/demo'
+SCORE_THR = 0.5
+TRAIN_LINE = re.compile(
+    r'Epoch\(train\)\s*\[(\d+)\]\[\s*(\d+)/(\d+)\].*?eta: (\S+).*?\sloss: (\S+)')
+VAL_LINE = re.compile(r'Epoch\(val\)\s*\[\d+\]\[\s*(\d+)/(\d+)\]')
 
 
-def run(step, *args):
-    """Run ``python tools/<script> args`` from the repository root, echoing the command."""
-    print(f'\n[demo] {step}\n[demo] $ python {" ".join(args)}', flush=True)
-    path = os.pathsep.join(filter(None, [os.getenv('PYTHONPATH'), ROOT]))
-    subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=path),
-                   check=True)
+def say(text=''):
+    print(f'[demo] {text}' if text else '', flush=True)
 
 
-def latest_log(pattern, key):
-    """The records holding ``key`` in the newest mmengine json log matching ``pattern``."""
-    for path in sorted(glob.glob(pattern), reverse=True):
-        with open(path) as f:
-            records = [r for r in map(json.loads, f) if key in r]
-        if records:
-            return records
-    raise FileNotFoundError(f'no {key!r} in {pattern}')
+def train(work_dir, log_path, *cfg_options):
+    """Run tools/train.py with its output in ``log_path``; print its progress lines."""
+    command = [sys.executable, 'tools/train.py', CONFIG, '--work-dir', work_dir,
+               '--cfg-options', *cfg_options]
+    say(f'$ python {" ".join(command[1:])}   (log: {osp.relpath(log_path, ROOT)})')
+    path = os.pathsep.join(filter(None, [ROOT, os.getenv('PYTHONPATH')]))
+    shown = None
+    with open(log_path, 'w') as log, subprocess.Popen(
+            command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            match = TRAIN_LINE.search(line)
+            if match:
+                epoch, it, iters, eta, loss = match.groups()
+                say(f'train epoch {epoch} iter {int(it):>3}/{iters}  loss {float(loss):.3f}  '
+                    f'eta {eta}')
+            elif VAL_LINE.search(line) and VAL_LINE.search(line).groups() != shown:
+                shown = VAL_LINE.search(line).groups()
+                say('evaluating iter {}/{}'.format(*shown))
+            elif line.startswith('error:'):
+                say(line.strip())
+    if proc.returncode:
+        with open(log_path) as f:
+            tail = f.readlines()[-15:]
+        raise SystemExit(''.join(tail) + f'error: training failed (exit status '
+                         f'{proc.returncode}); the full log is {log_path}')
 
 
-def busiest_image(coco_root):
-    """The first validation image among those with the most objects."""
-    with open(osp.join(ROOT, coco_root, 'annotations', 'instances_val2017.json')) as f:
+def training_losses(work_dir):
+    """The logged training losses of the newest run in ``work_dir`` (mmengine scalars)."""
+    runs = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))
+    with open(runs[-1]) as f:
+        return [r['loss'] for r in map(json.loads, f) if 'loss' in r]
+
+
+def per_class_ap(ann_file, results_prefix):
+    """COCO AP@[.5:.95] per class and over all classes, for boxes and masks, from the result
+    files the evaluation wrote (``<prefix>.bbox.json`` / ``.segm.json``), with pycocotools."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    table = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO(ann_file)
+        for iou_type in ('bbox', 'segm'):
+            evaluation = COCOeval(gt, gt.loadRes(f'{results_prefix}.{iou_type}.json'), iou_type)
+            evaluation.evaluate()
+            evaluation.accumulate()
+            evaluation.summarize()
+            precision = evaluation.eval['precision'][:, :, :, 0, -1]  # IoU, recall, class
+            for k, cat in enumerate(evaluation.params.catIds):
+                p = precision[:, :, k]
+                table[gt.cats[cat]['name'], iou_type] = p[p > -1].mean()
+            table['all (mAP)', iou_type] = evaluation.stats[0]
+    return table
+
+
+def class_table(table):
+    """Lines of a per-class bbox / segm AP table."""
+    names = list(dict.fromkeys(name for name, _ in table))
+    return [f'{"class":<10} {"bbox AP":>8} {"segm AP":>8}'] + [
+        f'{name:<10} {table[name, "bbox"]:>8.3f} {table[name, "segm"]:>8.3f}' for name in names]
+
+
+def busiest_image(ann_file):
+    """The first validation image among those with the most objects, with its objects
+    as (class index, [x1, y1, x2, y2])."""
+    with open(ann_file) as f:
         coco = json.load(f)
-    counts = collections.Counter(ann['image_id'] for ann in coco['annotations'])
-    image = max(coco['images'], key=lambda img: counts[img['id']])
-    return osp.join(coco_root, 'val2017', image['file_name'])
+    objects = collections.defaultdict(list)
+    for ann in coco['annotations']:
+        x, y, w, h = ann['bbox']
+        objects[ann['image_id']].append((ann['category_id'] - 1, [x, y, x + w, y + h]))
+    image = max(coco['images'], key=lambda img: len(objects[img['id']]))
+    return image['file_name'], objects[image['id']]
+
+
+def found_objects(pred, objects, score_thr, iou_thr=0.5):
+    """How many of ``objects`` a detection scoring ``score_thr`` covers with IoU >=
+    ``iou_thr`` and the right class."""
+    import torch
+    from mmdet.structures.bbox import bbox_overlaps
+    keep = pred.scores >= score_thr
+    boxes, labels = pred.bboxes[keep], pred.labels[keep]
+    gt = torch.tensor([box for _, box in objects], dtype=torch.float32)
+    ious = bbox_overlaps(gt, boxes) if len(boxes) else torch.zeros(len(gt), 0)
+    return sum(bool(((ious[i] >= iou_thr) & (labels == label)).any())
+               for i, (label, _) in enumerate(objects)), int(keep.sum())
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--work-dir', default='work_dirs/demo')
+    add_debug_arg(parser)
     args = parser.parse_args()
     work_dir = osp.join(ROOT, args.work_dir)
+    os.makedirs(work_dir, exist_ok=True)
     start = time.time()
 
-    sys.path.insert(0, ROOT)
     from mmmetaformer.datasets.demo_data import write_all
-    print(f'[demo] writing the demo datasets under {DATA_ROOT}', flush=True)
+    say(f'writing the demo datasets under {DATA_ROOT}')
     for name, path in write_all(osp.join(ROOT, DATA_ROOT)).items():
-        print(f'[demo]   {name}: {osp.relpath(path, ROOT)}')
+        say(f'  {name}: {osp.relpath(path, ROOT)}')
 
-    # The end-of-training validation is left to tools/test.py below.
-    run('training (loss and ETA are logged every few iterations)', 'tools/train.py', CONFIG,
-        '--work-dir', args.work_dir,
-        '--cfg-options', 'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None')
+    say('training Mask R-CNN (CAFormer-S18, from scratch) on the demo COCO set, then '
+        'evaluating it with pycocotools')
+    results = osp.join(work_dir, 'results')
+    train(args.work_dir, osp.join(work_dir, 'demo.log'),
+          f'val_evaluator.outfile_prefix={results}')
     with open(osp.join(work_dir, 'last_checkpoint')) as f:
         checkpoint = osp.relpath(f.read().strip(), ROOT)
-    run('evaluating with pycocotools', 'tools/test.py', CONFIG, checkpoint,
-        '--work-dir', args.work_dir)
-    image = busiest_image(osp.join(DATA_ROOT, 'coco'))
-    picture = osp.join(args.work_dir, 'predictions.png')
-    run('drawing predictions', 'tools/infer.py', image, CONFIG, checkpoint, '--out', picture,
-        '--score-thr', '0.4')
+    losses = training_losses(work_dir)
+    coco = osp.join(DATA_ROOT, 'coco')
+    ann_file = osp.join(ROOT, coco, 'annotations', 'instances_val2017.json')
+    table = per_class_ap(ann_file, results)
 
-    losses = [r['loss'] for r in latest_log(osp.join(work_dir, '*', 'vis_data', 'scalars.json'),
-                                            'loss')]
-    metrics = latest_log(osp.join(work_dir, '*', '*.json'), 'coco/bbox_mAP')[-1]
+    say('drawing the predictions on the validation image with the most objects')
+    from infer import draw_detections, init_predictor
+    file_name, objects = busiest_image(ann_file)
+    image = osp.join(coco, 'val2017', file_name)
+    picture = osp.join(args.work_dir, 'predictions.png')
+    model = init_predictor(osp.join(ROOT, CONFIG), osp.join(ROOT, checkpoint), 'cpu')
+    pred = draw_detections(model, osp.join(ROOT, image), osp.join(ROOT, picture), SCORE_THR)
+    found, drawn = found_objects(pred, objects, SCORE_THR)
+
     minutes, seconds = divmod(round(time.time() - start), 60)
-    print(f'\n[demo] finished in {minutes}m{seconds:02d}s\n'
-          f'[demo]   training loss {losses[0]:.3f} (first logged) -> {losses[-1]:.3f} (last)\n'
-          f'[demo]   pycocotools bbox mAP {metrics["coco/bbox_mAP"]:.3f}, '
-          f'segm mAP {metrics["coco/segm_mAP"]:.3f}\n'
-          f'[demo]   checkpoint {checkpoint}\n'
-          f'[demo]   predictions {picture}')
+    say()
+    say(f'finished in {minutes}m{seconds:02d}s')
+    say(f'  training loss {losses[0]:.3f} (first logged) -> {losses[-1]:.3f} (last)')
+    say('  pycocotools AP@[.5:.95] on the validation images:')
+    for line in class_table(table):
+        say(f'    {line}')
+    say(f'  {picture}: {image}, {drawn} boxes scoring >= {SCORE_THR}; {found} of its '
+        f'{len(objects)} objects found with the right class (IoU >= 0.5)')
+    say(f'  checkpoint {checkpoint}')
+    say(f'  full log {osp.join(args.work_dir, "demo.log")}')
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

@@ -21,7 +21,7 @@ ADE20K_BACKGROUND = 1  # 'wall'; shapes use 2 (square), 3 (circle), 4 (triangle)
 IMAGENET_CLASSES = ('circle', 'square', 'triangle', 'cross')
 IMAGENET_WNIDS = ('n00000001', 'n00000002', 'n00000003', 'n00000004')
 COMPLETE_MARKER = '.complete'  # holds DATA_VERSION
-DATA_VERSION = '2'  # bumped when the writers change: older demo datasets are rewritten
+DATA_VERSION = '3'  # bumped when the writers change: older demo datasets are rewritten
 
 _BGR = {'circle': (40, 40, 220), 'square': (40, 190, 40),
         'triangle': (210, 90, 30), 'cross': (30, 200, 230)}
@@ -103,7 +103,8 @@ def _imwrite(path, img):
         raise OSError(f'could not write {path}')
 
 
-def write_coco_demo(root, num_train=64, num_val=16, image_size=(320, 256), max_objects=4, seed=0):
+def write_coco_demo(root, num_train=128, num_val=16, image_size=(256, 192), max_objects=4,
+                    seed=0):
     """Write a COCO instance dataset (``annotations/instances_{train,val}2017.json``,
     ``{train,val}2017/*.jpg``) of ``COCO_CLASSES`` shapes with polygon masks."""
     categories = [dict(id=i + 1, name=n, supercategory='shape') for i, n in enumerate(COCO_CLASSES)]
