@@ -8,6 +8,7 @@ after :func:`export_forms` (on a copy) has swapped in the forms backends handle 
 """
 import copy
 import os
+import statistics
 import time
 import warnings
 from typing import Optional, Sequence
@@ -400,23 +401,17 @@ def export_onnx(exportable: Exportable, out: str, shape=(224, 224), dynamic: boo
     return names
 
 
-def _median_ms(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
-
-
 def check_onnx(path: str, exportable: Exportable, shape=(224, 224), runs: int = 0,
                seed: int = 0) -> dict:
     """Run ``path`` in onnxruntime (CPU) and ``exportable`` in PyTorch on one random input of
     ``shape``: ``outputs`` maps each name to ``(max abs difference, max abs PyTorch value)``;
-    with ``runs`` > 0 also the median latencies ``onnxruntime_ms`` and ``pytorch_ms``."""
+    with ``runs`` > 0 also the median latencies ``onnxruntime_ms`` and ``pytorch_ms`` (runs
+    interleaved, both with PyTorch's number of threads)."""
     import onnxruntime as ort
-    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as PyTorch
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')  # no busy waits
+    session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(seed))
     feed = {'input': x.numpy()}
     got = session.run(None, feed)
@@ -430,8 +425,15 @@ def check_onnx(path: str, exportable: Exportable, shape=(224, 224), runs: int = 
                                  f'{tuple(b.shape)}')
         outputs[name] = (float(abs(torch.from_numpy(a) - b).max()), float(b.abs().max()))
     result = dict(outputs=outputs)
-    if runs:
-        result['onnxruntime_ms'] = _median_ms(lambda: session.run(None, feed), runs)
+    if runs:  # interleaved, after one warm-up round
+        timed = dict(onnxruntime_ms=lambda: session.run(None, feed),
+                     pytorch_ms=lambda: exportable(x))
+        times = {key: [] for key in timed}
         with torch.inference_mode():
-            result['pytorch_ms'] = _median_ms(lambda: exportable(x), runs)
+            for _ in range(runs + 1):
+                for key, run in timed.items():
+                    start = time.perf_counter()
+                    run()
+                    times[key].append(1000 * (time.perf_counter() - start))
+        result.update({key: statistics.median(t[1:]) for key, t in times.items()})
     return result
