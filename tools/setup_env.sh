@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Create or refresh the project virtualenv (.venv) with the pinned OpenMMLab stack.
-# Idempotent: a stamp records the inputs of the last successful run, and a second run
-# with the same inputs changes nothing.
+# Install the pinned OpenMMLab stack, mmcv's compiled ops and mmmetaformer (editable) into a
+# Python environment:
+#   bash tools/setup_env.sh                 # the project virtualenv .venv, created if missing
+#                                           # (`make env`; `make demo` and `make test` run it)
+#   bash tools/setup_env.sh --here          # the active environment: the `python` on PATH
+#                                           # (an activated virtualenv or conda environment)
+#   VENV=DIR bash tools/setup_env.sh        # the virtualenv DIR, created if missing
+# Idempotent: a stamp in the environment records the inputs of the last successful run, and a
+# second run with the same inputs changes nothing.
 #
 # mmcv 2.1.0 (the newest release mmdet 3.3 / mmseg 1.2 accept) has no wheel for this torch,
 # so it is built once from its PyPI sdist, with torch installed first, and the wheel is cached
@@ -13,9 +19,15 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${VENV:-$ROOT/.venv}"
 CACHE="${MMMETAFORMER_CACHE:-$HOME/.cache/mmmetaformer}"
-PYTHON="${PYTHON:-python3.11}"
+log() { echo "[setup_env] $*"; }
+
+case "${1:-}" in
+  --here) HERE=1 ;;
+  '') HERE=0 ;;
+  *) echo "usage: bash tools/setup_env.sh [--here]   (or VENV=DIR bash tools/setup_env.sh)" >&2
+     exit 2 ;;
+esac
 
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 BUILD_PINS=("setuptools<81" wheel ninja)
@@ -25,32 +37,52 @@ STACK_PINS=(
   timm==1.0.22 pycocotools ftfy regex pytest onnx onnxruntime onnxscript
 )
 
+active="${VIRTUAL_ENV:-${CONDA_PREFIX:-}}"
+if (( HERE )); then
+  PY="$(command -v "${PYTHON:-python}")" || {
+    echo "[setup_env] error: no ${PYTHON:-python} on PATH; activate your environment first" >&2
+    exit 1; }
+  TARGET="$("$PY" -c 'import sys; print(sys.prefix)')"
+  [[ -n "$active" ]] || log "note: no virtualenv or conda environment is active; using $PY"
+else
+  VENV="${VENV:-$ROOT/.venv}"
+  PY="$VENV/bin/python"
+  TARGET="$VENV"
+  if [[ -n "$active" && "$(realpath -m "$active")" != "$(realpath -m "$VENV")" ]]; then
+    log "note: installing into $VENV, not into the active environment $active" \
+        "(bash tools/setup_env.sh --here installs there)"
+  fi
+fi
+
 stamp_inputs() {
   cat "${BASH_SOURCE[0]}" "$ROOT/setup.cfg" "$ROOT/setup.py"
   echo "FORCE_CUDA=${FORCE_CUDA:-0}"
 }
-STAMP="$VENV/.mmmetaformer-env-stamp"
+STAMP="$TARGET/.mmmetaformer-env-stamp"
 want="$(stamp_inputs | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
-  echo "[setup_env] $VENV is up to date"
+  log "$TARGET is up to date"
   exit 0
 fi
 
-log() { echo "[setup_env] $*"; }
-[[ -x "$VENV/bin/python" ]] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+if [[ ! -x "$PY" ]]; then
+  log "creating $VENV"
+  "${PYTHON:-python3.11}" -m venv "$VENV"
+fi
+log "installing into $TARGET ($("$PY" --version))"
+PIP=("$PY" -m pip --disable-pip-version-check -q)
 
 log "installing torch and build tools"
 "${PIP[@]}" install "${TORCH_PINS[@]}" "${BUILD_PINS[@]}"
 
-device_tag="$("$VENV/bin/python" - <<'PY'
+device_tag="$("$PY" - <<'PY'
 import os, torch
 cuda = os.getenv('FORCE_CUDA', '0') == '1' or torch.cuda.is_available()
 print('cu' + torch.version.cuda.replace('.', '') if cuda and torch.version.cuda else 'cpu')
 PY
 )"
-torch_version="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
-py_tag="$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')"
+torch_version="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
+py_tag="$("$PY" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')"
 wheel_dir="$CACHE/wheels/mmcv-$MMCV_VERSION-torch$torch_version-$py_tag-$device_tag"
 
 if ! ls "$wheel_dir"/mmcv-*.whl >/dev/null 2>&1; then
@@ -70,6 +102,6 @@ fi
 log "installing mmcv from $wheel_dir and the OpenMMLab stack"
 "${PIP[@]}" install "$wheel_dir"/mmcv-*.whl "${STACK_PINS[@]}" "${TORCH_PINS[@]}"
 "${PIP[@]}" install --no-build-isolation --no-deps -e "$ROOT"
-"$VENV/bin/python" -c "from mmcv.ops import RoIAlign, nms, batched_nms; import mmmetaformer"
+"$PY" -c "from mmcv.ops import RoIAlign, nms, batched_nms; import mmmetaformer"
 echo "$want" > "$STAMP"
-log "ready: $VENV"
+log "ready: $TARGET"
