@@ -66,10 +66,13 @@ def test_train_test_infer_detection(data, tmp_path):
     assert out.stat().st_size > 0
     assert len(list(work.glob('*/vis/*.jpg'))) == 2
 
-    picture = tmp_path / 'result.png'
-    image = sorted((data / 'coco' / 'val2017').glob('*.jpg'))[0]
-    tool('tools/infer.py', str(image), DET, checkpoint, '--out', str(picture))
-    assert picture.stat().st_size > 0
+    pictures = tmp_path / 'pictures'  # a folder of images: one picture each
+    images = sorted((data / 'coco' / 'val2017').glob('*.jpg'))
+    infer = tool('tools/infer.py', str(data / 'coco' / 'val2017'), DET, checkpoint, '--out',
+                 str(pictures))
+    assert sorted(p.name for p in pictures.iterdir()) == [p.stem + '.png' for p in images]
+    assert all(p.stat().st_size > 0 for p in pictures.iterdir())
+    assert infer.stdout.count(' -> ') == len(images) and 'Warning' not in infer.stderr
 
 
 def test_train_resume_test_segmentation(data, tmp_path):

@@ -18,6 +18,9 @@ KNOWN_WARNINGS = (
     # mmengine's package_utils imports pkg_resources, then reloads it (importlib)
     ('pkg_resources is deprecated as an API', UserWarning, 'mmengine.utils.package_utils'),
     ('pkg_resources is deprecated as an API', UserWarning, 'importlib'),
+    # drawing predictions: mmengine clips what crosses the image border, and says so per item
+    ('Warning: The bbox is out of bounds', UserWarning, 'mmengine.visualization.visualizer'),
+    ('Warning: The polygon is out of bounds', UserWarning, 'mmengine.visualization.visualizer'),
 )
 
 
