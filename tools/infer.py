@@ -62,7 +62,11 @@ def output_paths(spec, images, out):
 
 
 def init_predictor(cfg, checkpoint, device):
-    """The mmdet detector or mmseg segmentor of ``cfg`` with ``checkpoint`` loaded."""
+    """The mmdet detector or mmseg segmentor of ``cfg`` (a Config or its file) with
+    ``checkpoint`` loaded."""
+    if isinstance(cfg, str):
+        from mmengine.config import Config
+        cfg = Config.fromfile(cfg)
     if cfg.get('default_scope') == 'mmdet':
         from mmdet.apis import init_detector
         return init_detector(cfg, checkpoint, device=device)
