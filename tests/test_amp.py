@@ -40,9 +40,9 @@ FAMILY_BLOCKS = {'poolformer': ('poolformer_s12', 0), 'poolformerv2': ('poolform
                  'identityformer': ('identityformer_s12', 0), 'randformer': ('randformer_s12', 2),
                  'convformer': ('convformer_s18', 0), 'caformer': ('caformer_s18', 2)}
 #: Weight gains that push a block's activations past float16's range: the MLP's and SepConv's
-#: hidden pre-activations reach several hundred (their square, 1e5-1e6, overflows), the inputs of the parameter-free mixers (pooling, identity, random
-#: mixing) ~1e4; the output layers are scaled down so that the block's float32 output stays
-#: representable.
+#: hidden pre-activations reach several hundred (their square, 1e5-1e6, overflows), the inputs
+#: of the parameter-free mixers (pooling, identity, random mixing) ~1e4; the output layers are
+#: scaled down so that the block's float32 output stays representable.
 GAIN = dict(hidden=1000., out=1e-4, norm=3000.)
 
 

@@ -16,10 +16,10 @@ MODES = ['forward', 'train']
 REPEATS = 2
 MACHINE_FIELDS = {'cpu', 'cores', 'usable_cores', 'threads', 'python', 'platform', 'torch', 'timm',
                   'cuda', 'cuda_device', 'memory_method'}
-RECORD_FIELDS = {'task', 'model', 'size', 'mode', 'batch', 'device', 'dtype', 'channels_last', 'with_cp',
-                 'timm_with_cp', 'ours_ms', 'timm_ms', 'ratio', 'ours_peak_mib', 'timm_peak_mib',
-                 'mem_ratio', 'max_abs_diff', 'repeats', 'warmup', 'ours_samples_ms',
-                 'timm_samples_ms'}
+RECORD_FIELDS = {'task', 'model', 'size', 'mode', 'batch', 'device', 'dtype', 'channels_last',
+                 'with_cp', 'timm_with_cp', 'ours_ms', 'timm_ms', 'ratio', 'ours_peak_mib',
+                 'timm_peak_mib', 'mem_ratio', 'max_abs_diff', 'repeats', 'warmup',
+                 'ours_samples_ms', 'timm_samples_ms'}
 TIMM_FIELDS = ('timm_ms', 'ratio', 'timm_peak_mib', 'mem_ratio', 'max_abs_diff',
                'timm_samples_ms')
 

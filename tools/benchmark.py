@@ -208,7 +208,8 @@ def build_dense(task: str, name: str, backbone: dict) -> nn.Module:
     cfg = Config.fromfile(dense_config(task, name))
     cfg.model.backbone = backbone
     init_default_scope(scope)
-    return revert_sync_batchnorm(importlib.import_module(f'{scope}.registry').MODELS.build(cfg.model))
+    registry = importlib.import_module(f'{scope}.registry').MODELS
+    return revert_sync_batchnorm(registry.build(cfg.model))
 
 
 def build_dense_pair(args, name: str, device) -> dict:
