@@ -9,9 +9,10 @@ Drop path: each model's ImageNet-1K training rate (PoolFormer and the MetaFormer
 papers), used unchanged for every downstream recipe, except PoolFormer (v1): its configs follow
 the official dense-prediction protocol of sail-sg/poolformer (``detection/``,
 ``segmentation/``), whose backbones are built without drop path, and whose RetinaNet backbone
-has no norm on the stride-4 output, which its FPN (``start_level=1``) never reads: here the
-backbone returns stages 1-3 only and the FPN starts at its first input, the same modules
-(same parameter names) and the same outputs, with no parameter left unused (which DDP refuses).
+has no norm on the stride-4 output, which its FPN (``start_level=1``) never reads. Every
+RetinaNet recipe here returns stages 1-3 only to an FPN that starts at its first input: the
+same modules (same parameter names) and the same outputs, with no parameter left unused
+(which DDP refuses).
 """
 import os
 import os.path as osp
@@ -76,10 +77,9 @@ def render(recipe, family, size, widths_at):
     dims, drop_path = sizes[size]
     official = official_poolformer(family, recipe)
     drop_path = 0.0 if official else drop_path
-    stride4_unused = official and recipe.startswith('retinanet')
-    out_indices = '        out_indices=(1, 2, 3),\n' if stride4_unused else ''
+    stride4_unused = recipe.startswith('retinanet')
     if stride4_unused:
-        heads = f'    neck=dict(in_channels={list(dims[1:])}, start_level=0))\n'
+        heads = f'    neck=dict(in_channels={list(dims[1:])}))\n'
     elif widths_at == 'neck':
         heads = f'    neck=dict(in_channels={list(dims)}))\n'
     else:
@@ -98,7 +98,6 @@ def render(recipe, family, size, widths_at):
             f"        type='mmmetaformer.{backbone_type}',\n"
             f"        arch='{size}',\n"
             f'        drop_path_rate={drop_path},\n'
-            + out_indices +
             f'        init_cfg=dict(\n'
             f"            type='Pretrained',\n"
             f"            checkpoint='{pretrained_url(family, size)}')),\n"

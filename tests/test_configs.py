@@ -173,6 +173,49 @@ def test_config_builds_and_runs(name):
     assert type(model.backbone).__module__.startswith('mmmetaformer.')
 
 
+
+def _training_batch(scope, size, num_classes):
+    """Random images with one ground-truth object (box, mask) or a label map each."""
+    inputs, samples = _dummy_batch(scope, size, num=2)
+    for sample in samples:
+        if scope == 'mmdet':
+            from mmdet.structures.mask import BitmapMasks
+            from mmengine.structures import InstanceData
+            masks = torch.zeros(1, size, size, dtype=torch.uint8)
+            masks[:, size // 4:size // 2, size // 4:size // 2] = 1
+            sample.gt_instances = InstanceData(
+                bboxes=torch.tensor([[size / 4, size / 4, size / 2, size / 2]]),
+                labels=torch.tensor([num_classes - 1]),
+                masks=BitmapMasks(masks.numpy(), size, size))
+        else:
+            from mmengine.structures import PixelData
+            sample.gt_sem_seg = PixelData(
+                data=torch.randint(0, num_classes, (1, size, size)))
+    return inputs, samples
+
+
+@pytest.mark.parametrize('name', sorted({  # the smallest model of each recipe
+    min(path for path, (r, _, size) in ZOO.items() if r == recipe and size in ('s12', 's18'))
+    for recipe in RECIPES}))
+def test_every_parameter_trains(name):
+    """One training loss reaches every trainable parameter: DDP, as the recipes run it
+    (``find_unused_parameters=False``), stops at the second iteration otherwise."""
+    cfg = load(name)
+    scope = cfg.default_scope
+    if 'rpn_proposal' in cfg.model.get('train_cfg', {}):
+        cfg.model.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=50)
+    with DefaultScope.overwrite_default_scope(scope):
+        model = build_model(cfg).train()
+        heads = [cfg.model.get(k, {}) for k in ('bbox_head', 'decode_head')]
+        num_classes = next((h['num_classes'] for h in heads if 'num_classes' in h), 80)
+        inputs, samples = _training_batch(scope, 128 if scope == 'mmdet' else 64, num_classes)
+        losses = model(inputs, samples, mode='loss')
+    loss, _ = model.parse_losses(losses)
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f'{name}: parameters without a gradient: {unused[:8]}'
+
+
 SWAP_MMDET = """
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)

@@ -1,10 +1,13 @@
 # RetinaNet + FPN, 1x schedule on COCO: the PoolFormer paper's protocol (AdamW lr 1e-4,
 # weight decay 1e-4, 16 images per batch = 8 GPUs x 2, 1333x800, 12 epochs with lr steps at
 # epochs 8 and 11, 500 warmup iterations). Per-model configs set the backbone's type, arch,
-# drop_path_rate and pretrained init_cfg, and the FPN's in_channels.
+# drop_path_rate and pretrained init_cfg, and the FPN's in_channels (stages 1-3).
+# The FPN reads strides 8-32 only (the official start_level=1), so the backbone returns
+# stages 1-3 and the FPN starts at its first input, as mmdet's own Swin RetinaNet does: no
+# unused stride-4 output norm, whose parameters DDP (find_unused_parameters=False) refuses.
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)
 
-model = dict(backbone=dict(_delete_=True, out_indices=(0, 1, 2, 3)))
+model = dict(backbone=dict(_delete_=True, out_indices=(1, 2, 3)), neck=dict(start_level=0))
 optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, weight_decay=1e-4))
 auto_scale_lr = dict(base_batch_size=16)

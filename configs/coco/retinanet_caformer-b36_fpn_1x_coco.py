@@ -8,4 +8,4 @@ model = dict(
         init_cfg=dict(
             type='Pretrained',
             checkpoint='https://huggingface.co/sail/dl/resolve/main/caformer/caformer_b36.pth')),
-    neck=dict(in_channels=[128, 256, 512, 768]))
+    neck=dict(in_channels=[256, 512, 768]))

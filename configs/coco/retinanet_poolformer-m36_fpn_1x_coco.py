@@ -7,8 +7,7 @@ model = dict(
         type='mmmetaformer.PoolFormer',
         arch='m36',
         drop_path_rate=0.0,
-        out_indices=(1, 2, 3),
         init_cfg=dict(
             type='Pretrained',
             checkpoint='https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_m36.pth.tar')),
-    neck=dict(in_channels=[192, 384, 768], start_level=0))
+    neck=dict(in_channels=[192, 384, 768]))

@@ -7,8 +7,7 @@ model = dict(
         type='mmmetaformer.PoolFormer',
         arch='s24',
         drop_path_rate=0.0,
-        out_indices=(1, 2, 3),
         init_cfg=dict(
             type='Pretrained',
             checkpoint='https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_s24.pth.tar')),
-    neck=dict(in_channels=[128, 320, 512], start_level=0))
+    neck=dict(in_channels=[128, 320, 512]))

@@ -8,4 +8,4 @@ model = dict(
         init_cfg=dict(
             type='Pretrained',
             checkpoint='https://huggingface.co/sail/dl/resolve/main/poolformerv2/poolformerv2_s36.pth')),
-    neck=dict(in_channels=[64, 128, 320, 512]))
+    neck=dict(in_channels=[128, 320, 512]))
