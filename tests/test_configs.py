@@ -37,13 +37,7 @@ RECIPES = {
 }
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny inputs: one thread is as fast, and immune to oversubscribed CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def load(name):

@@ -40,12 +40,7 @@ OFFICIAL_BACKBONE = dict(type='mmpretrain.PoolFormer', arch='s12', out_indices=(
                          drop_path_rate=0.)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def project_config(path, num_classes=None):

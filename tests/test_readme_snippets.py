@@ -46,12 +46,7 @@ CASES = [(f'{name}-{target}', ['merge', target], code)
     [case for case in CASES if case[1][0] != 'merge']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture
