@@ -62,6 +62,17 @@ def test_infer_checks_files_before_building(tmp_path):
     assert 'Warning' not in proc.stderr + proc.stdout
 
 
+def test_damaged_annotation_file_in_train_py(tmp_path):
+    from mmmetaformer.datasets.demo_data import write_coco_demo
+    data = tmp_path / 'coco'
+    write_coco_demo(str(data), num_train=2, num_val=1, image_size=(96, 64))
+    annotations = data / 'annotations' / 'instances_train2017.json'
+    annotations.write_text('{"images": [')  # an interrupted export
+    proc = tool('tools/train.py', DET, '--work-dir', str(tmp_path / 'work'), '--cfg-options',
+                f'train_dataloader.dataset.data_root={data}/')
+    assert_one_error_line(proc, str(annotations), 'again')
+    assert 'ValueError' not in proc.stderr
+
 def test_failed_pretrained_download_in_train_py(tmp_path):
     from mmmetaformer.datasets.demo_data import write_coco_demo
     data = tmp_path / 'coco'

@@ -116,7 +116,7 @@ def load_config(args, dataloaders=('train_dataloader', 'val_dataloader', 'test_d
         cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
     try:
         check_dataset({key: cfg.get(key) for key in dataloaders})
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # missing, or a damaged annotation file
         raise SystemExit(f'error: {err}') from None
     return cfg
 
