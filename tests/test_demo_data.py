@@ -53,7 +53,8 @@ def test_coco_annotations_match_polygons_and_pixels(data):
             assert ann['iscrowd'] == 0 and max(ann['bbox'][2:]) >= 0.1 * min(w, h)
             rle = mask_utils.merge(mask_utils.frPyObjects(ann['segmentation'], h, w))
             assert mask_utils.area(rle) == pytest.approx(ann['area'], rel=0.05)
-            np.testing.assert_allclose(mask_utils.toBbox(rle), ann['bbox'], atol=1.5)
+            # the last 1-2 pixels of a triangle's 60-degree corner are narrower than a pixel
+            np.testing.assert_allclose(mask_utils.toBbox(rle), ann['bbox'], atol=2.0)
             inside = cv2.erode(coco.annToMask(ann), np.ones((5, 5), np.uint8)).astype(bool)
             mean_bgr = img[inside].mean(0)
             kind = coco.loadCats(ann['category_id'])[0]['name']

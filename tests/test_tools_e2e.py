@@ -64,10 +64,10 @@ def test_train_test_infer_detection(data, tmp_path):
                 '--show-dir', 'vis', '--cfg-options', *det_options(data))
     assert 'coco/bbox_mAP:' in test.stdout and 'coco/segm_mAP:' in test.stdout
     assert out.stat().st_size > 0
-    assert len(list(work.glob('*/vis/*.jpg'))) == 2
+    assert len(list(work.glob('*/vis/*.png'))) == 2
 
     pictures = tmp_path / 'pictures'  # a folder of images: one picture each
-    images = sorted((data / 'coco' / 'val2017').glob('*.jpg'))
+    images = sorted((data / 'coco' / 'val2017').glob('*.png'))
     infer = tool('tools/infer.py', str(data / 'coco' / 'val2017'), DET, checkpoint, '--out',
                  str(pictures))
     assert sorted(p.name for p in pictures.iterdir()) == [p.stem + '.png' for p in images]

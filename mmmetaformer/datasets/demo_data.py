@@ -21,7 +21,7 @@ ADE20K_BACKGROUND = 1  # 'wall'; shapes use 2 (square), 3 (circle), 4 (triangle)
 IMAGENET_CLASSES = ('circle', 'square', 'triangle', 'cross')
 IMAGENET_WNIDS = ('n00000001', 'n00000002', 'n00000003', 'n00000004')
 COMPLETE_MARKER = '.complete'  # holds DATA_VERSION
-DATA_VERSION = '3'  # bumped when the writers change: older demo datasets are rewritten
+DATA_VERSION = '4'  # bumped when the writers change: older demo datasets are rewritten
 
 _BGR = {'circle': (40, 40, 220), 'square': (40, 190, 40),
         'triangle': (210, 90, 30), 'cross': (30, 200, 230)}
@@ -35,8 +35,9 @@ def _area(pts):
 
 
 def _polygon(kind, radius, angle):
-    """Vertices (N, 2) of a shape centred at the origin, rotated by ``angle``, with the area
-    of a circle of ``radius`` (so that every class comes in the same range of sizes)."""
+    """Vertices (N, 2) of a shape centred at the origin, with the area of a circle of
+    ``radius`` (so that every class comes in the same range of sizes), turned by ``angle`` from
+    upright (square: sides level; triangle: apex up)."""
     if kind == 'circle':
         t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
         return radius * np.stack([np.cos(t), np.sin(t)], 1)
@@ -45,8 +46,8 @@ def _polygon(kind, radius, angle):
         pts = np.array([(w, a), (w, w), (a, w), (a, -w), (w, -w), (w, -a),
                         (-w, -a), (-w, -w), (-a, -w), (-a, w), (-w, w), (-w, a)])
     else:
-        n = {'square': 4, 'triangle': 3}[kind]
-        t = np.arange(n) * 2 * np.pi / n
+        n, first = {'square': (4, np.pi / 4), 'triangle': (3, -np.pi / 2)}[kind]
+        t = first + np.arange(n) * 2 * np.pi / n
         pts = np.stack([np.cos(t), np.sin(t)], 1)
     pts = pts * radius * np.sqrt(np.pi / _area(pts))
     c, s = np.cos(angle), np.sin(angle)
@@ -69,14 +70,16 @@ def _fill(img, poly, value):
     cv2.fillPoly(img, [pts], value, lineType=cv2.LINE_8, shift=4)
 
 
-def _scene(rng, kinds, image_size, max_objects, scale=(0.15, 0.4)):
-    """Image with 1..max_objects non-overlapping shapes; returns (img, [(kind, poly)])."""
+def _scene(rng, kinds, image_size, max_objects, scale=(0.15, 0.4), tilt=None):
+    """Image with 1..max_objects non-overlapping shapes, turned by up to ``tilt`` radians
+    either way (``None``: any angle); returns (img, [(kind, poly)])."""
     w, h = image_size
     img, objects, boxes = _background(rng, w, h), [], []
     for _ in range(int(rng.integers(1, max_objects + 1))):
+        kind = kinds[int(rng.integers(len(kinds)))]  # drawn once: large shapes are not skipped
         for _attempt in range(20):
-            kind = kinds[int(rng.integers(len(kinds)))]
-            poly = _polygon(kind, rng.uniform(*scale) * min(w, h) / 2, rng.uniform(0, 2 * np.pi))
+            angle = rng.uniform(0, 2 * np.pi) if tilt is None else rng.uniform(-tilt, tilt)
+            poly = _polygon(kind, rng.uniform(*scale) * min(w, h) / 2, angle)
             lo, hi = poly.min(0), poly.max(0)
             centre = rng.uniform(-lo + 1, np.array([w, h]) - hi - 1)
             box = np.concatenate([lo + centre - 3, hi + centre + 3])
@@ -103,17 +106,18 @@ def _imwrite(path, img):
         raise OSError(f'could not write {path}')
 
 
-def write_coco_demo(root, num_train=128, num_val=16, image_size=(256, 192), max_objects=4,
-                    seed=0):
+def write_coco_demo(root, num_train=128, num_val=32, image_size=(256, 192), max_objects=4,
+                    tilt=np.pi / 12, seed=0):
     """Write a COCO instance dataset (``annotations/instances_{train,val}2017.json``,
-    ``{train,val}2017/*.jpg``) of ``COCO_CLASSES`` shapes with polygon masks."""
+    ``{train,val}2017/*.png``) of ``COCO_CLASSES`` shapes with polygon masks, upright and
+    turned by up to ``tilt`` radians (``None``: any angle)."""
     categories = [dict(id=i + 1, name=n, supercategory='shape') for i, n in enumerate(COCO_CLASSES)]
     splits = (('train2017', num_train), ('val2017', num_val))
     for (split, num), rng in zip(splits, _split_rngs(seed, len(splits))):
         images, annotations = [], []
         for img_id in range(1, num + 1):
-            img, objects = _scene(rng, COCO_CLASSES, image_size, max_objects)
-            file_name = f'{img_id:012d}.jpg'
+            img, objects = _scene(rng, COCO_CLASSES, image_size, max_objects, tilt=tilt)
+            file_name = f'{img_id:012d}.png'  # lossless: JPEG would blur the colours of corners
             _imwrite(osp.join(root, split, file_name), img)
             images.append(dict(id=img_id, file_name=file_name, width=image_size[0], height=image_size[1]))
             for kind, poly in objects:
