@@ -33,6 +33,8 @@ import time
 from contextlib import nullcontext
 from typing import Optional
 
+from common import add_debug_arg, run_tool  # first: it silences the stack's known warnings
+
 import timm
 import torch
 import torch.nn as nn
@@ -87,6 +89,7 @@ def parse_args(argv=None):
     parser.add_argument('--no-memory', action='store_true', help='skip peak memory')
     parser.add_argument('--json', metavar='OUT', help='write the results to this JSON file')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)  # internal, see cpu_peaks
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     if min(args.batch, args.repeats, args.threads) < 1 or args.warmup < 0:
         parser.error('--batch, --repeats and --threads must be >= 1, --warmup >= 0')
@@ -516,4 +519,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

@@ -19,6 +19,8 @@ import argparse
 import os
 import sys
 
+from common import add_debug_arg, run_tool  # first: it silences the stack's known warnings
+
 import torch
 
 from mmmetaformer import __version__
@@ -92,6 +94,7 @@ def main(argv=None):
                         'IdentityFormer files (one tensor layout) whose name does not say which')
     parser.add_argument('--use-ema', action='store_true',
                         help='take the EMA copy where SRC keeps one besides its weights')
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     try:
         convert(args.src, args.dst, args.arch, args.use_ema)
@@ -100,4 +103,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

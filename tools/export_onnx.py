@@ -16,6 +16,8 @@ largest difference per output and both CPU latencies.
 import argparse
 import sys
 
+from common import add_debug_arg, run_tool  # first: it silences the stack's known warnings
+
 from mmmetaformer.checkpoints import CheckpointError
 from mmmetaformer.deploy import (DEFAULT_SHAPES, GROUPNORM_FORMS, ExportError, Exportable,
                                  build_exportable, check_onnx, export_onnx)
@@ -44,6 +46,7 @@ def parse_args(argv=None):
     parser.add_argument('--check', action='store_true',
                         help='compare with PyTorch in onnxruntime, print differences and latency')
     parser.add_argument('--runs', type=int, default=20, help='timed runs for --check')
+    add_debug_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -71,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

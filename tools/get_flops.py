@@ -14,6 +14,8 @@ get_flops tools print, and the papers' "MACs", are MACs.)
 """
 import argparse
 
+from common import add_debug_arg, run_tool  # first: it silences the stack's known warnings
+
 import torch
 from mmengine.config import Config, DictAction
 from mmengine.registry import DefaultScope, init_default_scope
@@ -93,6 +95,7 @@ def main():
                         help='input height and width (one value: square)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value pairs')
+    add_debug_arg(parser)
     args = parser.parse_args()
     if args.shape is not None and len(args.shape) > 2:
         parser.error('--shape takes one or two values: H [W]')
@@ -110,4 +113,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)
