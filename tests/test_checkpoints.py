@@ -5,7 +5,6 @@ Source models have random weights: timm's models, and for IdentityFormer/RandFor
 timm) timm's generic ``MetaFormer`` with an identity / paper-defined random mixer. Files of the
 official layouts are written with the inverse of timm's documented renaming.
 """
-import importlib.util
 import os
 import re
 import shlex
@@ -30,10 +29,8 @@ from mmmetaformer.checkpoints import CheckpointError, load_pretrained, read_chec
 from mmmetaformer.models import MetaFormer
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location('convert_checkpoint',
-                                               ROOT / 'tools' / 'convert_checkpoint.py')
-convert_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert_tool)
+sys.path.insert(0, str(ROOT / 'tools'))
+import convert_checkpoint as convert_tool  # noqa: E402
 
 S12 = dict(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512))
 

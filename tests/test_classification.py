@@ -1,7 +1,7 @@
 """ImageNet classification: the configs of configs/imagenet build, official and timm checkpoints
 give the official logits through tools/convert_checkpoint.py, and tools/train.py + tools/test.py
 run on demo ImageNet-format data."""
-import importlib.util
+import importlib
 import re
 import subprocess
 import sys
@@ -154,10 +154,9 @@ def reference(name):
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if str(ROOT / 'tools') not in sys.path:  # the tools import tools/common.py
+        sys.path.insert(0, str(ROOT / 'tools'))
+    return importlib.import_module(name)
 
 
 @pytest.mark.parametrize('layout', ['official', 'timm'])

@@ -9,7 +9,6 @@ outputs equal to the source model's. mmdet 2.19 -> 3.3 and mmseg 0.19 -> 1.2 ren
 these models' parameters, so the source model's neck and head names are the old names.
 """
 import copy
-import importlib.util
 import os
 import subprocess
 import sys
@@ -28,10 +27,8 @@ from mmmetaformer.checkpoints import CheckpointError
 from mmmetaformer.models import MetaFormer
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location('convert_checkpoint',
-                                               ROOT / 'tools' / 'convert_checkpoint.py')
-convert_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert_tool)
+sys.path.insert(0, str(ROOT / 'tools'))
+import convert_checkpoint as convert_tool  # noqa: E402
 
 MASK_RCNN = 'configs/coco/mask-rcnn_poolformer-s12_fpn_1x_coco.py'
 RETINANET = 'configs/coco/retinanet_poolformer-s12_fpn_1x_coco.py'
