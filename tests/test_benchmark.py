@@ -117,3 +117,25 @@ def test_gpu_check_skips_without_gpu():
     assert proc.returncode == 0
     assert (proc.stdout + proc.stderr).strip().splitlines() == [proc.stdout.strip()]
     assert proc.stdout.startswith('gpu_check: skipped, no CUDA device')
+
+
+def test_detector_pair_predicts_the_same():
+    """In ``--task maskrcnn`` both models do the same work: the same detections from the same
+    image. (timm's features come in channels_last strides, which mmcv's CPU RoIAlign misreads:
+    uncorrected, the peer found no objects where ours found dozens.)"""
+    import argparse
+    import copy
+    sys.path.insert(0, str(ROOT / 'tools'))
+    import benchmark as tool
+    models = tool.build_dense_pair(argparse.Namespace(task='maskrcnn', channels_last=False),
+                                   'caformer_s18', torch.device('cpu'))
+    batch = tool.dense_batch('maskrcnn', (512, 512), 2)
+    found = {}
+    for name, model in models.items():
+        model.eval()
+        with torch.inference_mode():
+            data = model.data_preprocessor(copy.deepcopy(batch), False)
+            found[name] = [sample.pred_instances for sample in model(**data, mode='predict')]
+    for ours, peer in zip(found['ours'], found['timm']):
+        assert len(ours) > 0 and len(peer) == len(ours)
+        torch.testing.assert_close(peer.scores, ours.scores, atol=1e-4, rtol=0)

@@ -236,6 +236,11 @@ def build_dense_pair(args, name: str, device) -> dict:
     if unexpected or not all(key.startswith('backbone.') for key in missing):
         raise RuntimeError(f'{args.task} {name}: the peer model differs outside the backbone: '
                            f'{unexpected or missing}')
+    # timm's features_only MetaFormers return NHWC tensors seen as NCHW (channels_last
+    # strides); mmcv 2.1's CPU RoIAlign reads those wrongly (0.94 max error on randn), so the
+    # peer's features are made contiguous, as a correct pipeline needs
+    peer.backbone.register_forward_hook(
+        lambda module, args, outputs: tuple(o.contiguous() for o in outputs))
     models = {'ours': ours, 'timm': peer}
     for model in models.values():
         model.to(device)
