@@ -9,7 +9,8 @@ A snippet to test is marked by an HTML comment on the line before its ```python 
   then built and trained one step;
 * ``<!-- snippet-test: run -->``: Python code, run from that copy of the repository; the
   ``.pth`` checkpoints and images it names are made up first (random weights of the config
-  the snippet names, a demo image).
+  the snippet names; under ``data/demo/`` the demo datasets, which must hold the named image;
+  elsewhere a random image).
 
 Every other Python block must at least compile. Training steps use tiny inputs and pretrained
 loading off (nothing is downloaded).
@@ -25,6 +26,7 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
 import mmmetaformer  # noqa: F401
+from mmmetaformer.datasets.demo_data import write_all
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r'(?:<!-- snippet-test: (?P<tag>[^>]*?) -->\n\s*)?```python\n(?P<code>.*?)```',
@@ -146,6 +148,10 @@ def make_files(root, code):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         torch.save(dict(state_dict=model.state_dict(), meta=dict()), root / name)
     for name in re.findall(r"'([^']+\.(?:jpg|png))'", code):
+        if name.startswith('data/demo/'):  # must be a file the demo data writers write
+            write_all(str(root / 'data' / 'demo'))
+            assert (root / name).is_file(), f'{name}: not written by the demo data writers'
+            continue
         import cv2
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(root / name), np.random.default_rng(0).integers(
