@@ -29,6 +29,10 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = 'configs/demo/caformer_s18_maskrcnn_demo.py'
 DATA_ROOT = 'data/demo'
 SCORE_THR = 0.5
+# glibc returns freed blocks over 128 KiB to the OS, so every training iteration page-faults
+# its activations back in (20% system time); keeping them made the demo's CPU training ~10%
+# faster. Used unless GLIBC_TUNABLES is set; other C libraries ignore it.
+KEEP_FREED_MEMORY = 'glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=2147483647'
 TRAIN_LINE = re.compile(
     r'Epoch\(train\)\s*\[(\d+)\]\[\s*(\d+)/(\d+)\].*?eta: (\S+).*?\sloss: (\S+)')
 VAL_LINE = re.compile(r'Epoch\(val\)\s*\[\d+\]\[\s*(\d+)/(\d+)\]')
@@ -44,9 +48,11 @@ def train(work_dir, log_path, *cfg_options):
                '--cfg-options', *cfg_options]
     say(f'$ python {" ".join(command[1:])}   (log: {osp.relpath(log_path, ROOT)})')
     path = os.pathsep.join(filter(None, [ROOT, os.getenv('PYTHONPATH')]))
+    env = dict(os.environ, PYTHONPATH=path)
+    env.setdefault('GLIBC_TUNABLES', KEEP_FREED_MEMORY)
     shown = None
     with open(log_path, 'w') as log, subprocess.Popen(
-            command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path), text=True,
+            command, cwd=ROOT, env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         for line in proc.stdout:
             log.write(line)

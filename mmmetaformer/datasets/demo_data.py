@@ -21,7 +21,7 @@ ADE20K_BACKGROUND = 1  # 'wall'; shapes use 2 (square), 3 (circle), 4 (triangle)
 IMAGENET_CLASSES = ('circle', 'square', 'triangle', 'cross')
 IMAGENET_WNIDS = ('n00000001', 'n00000002', 'n00000003', 'n00000004')
 COMPLETE_MARKER = '.complete'  # holds DATA_VERSION
-DATA_VERSION = '4'  # bumped when the writers change: older demo datasets are rewritten
+DATA_VERSION = '5'  # bumped when the writers change: older demo datasets are rewritten
 
 _BGR = {'circle': (40, 40, 220), 'square': (40, 190, 40),
         'triangle': (210, 90, 30), 'cross': (30, 200, 230)}
@@ -107,10 +107,11 @@ def _imwrite(path, img):
 
 
 def write_coco_demo(root, num_train=128, num_val=32, image_size=(256, 192), max_objects=4,
-                    tilt=np.pi / 12, seed=0):
+                    tilt=0.0, seed=0):
     """Write a COCO instance dataset (``annotations/instances_{train,val}2017.json``,
-    ``{train,val}2017/*.png``) of ``COCO_CLASSES`` shapes with polygon masks, upright and
-    turned by up to ``tilt`` radians (``None``: any angle)."""
+    ``{train,val}2017/*.png``) of ``COCO_CLASSES`` shapes with polygon masks, upright or
+    turned by up to ``tilt`` radians (``None``: any angle). Upright shapes let the demo's
+    from-scratch Mask R-CNN place every class's box in its short schedule."""
     categories = [dict(id=i + 1, name=n, supercategory='shape') for i, n in enumerate(COCO_CLASSES)]
     splits = (('train2017', num_train), ('val2017', num_val))
     for (split, num), rng in zip(splits, _split_rngs(seed, len(splits))):
