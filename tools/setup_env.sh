@@ -102,6 +102,8 @@ fi
 log "installing mmcv from $wheel_dir and the OpenMMLab stack"
 "${PIP[@]}" install "$wheel_dir"/mmcv-*.whl "${STACK_PINS[@]}" "${TORCH_PINS[@]}"
 "${PIP[@]}" install --no-build-isolation --no-deps -e "$ROOT"
-"$PY" -c "from mmcv.ops import RoIAlign, nms, batched_nms; import mmmetaformer"
+# the import check, without torch's known `torch.jit.interface` FutureWarning
+"$PY" -W 'ignore:`torch.jit.interface` is deprecated:FutureWarning:torch.jit._script' \
+  -c "from mmcv.ops import RoIAlign, nms, batched_nms; import mmmetaformer"
 echo "$want" > "$STAMP"
 log "ready: $TARGET"
