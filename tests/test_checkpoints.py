@@ -31,6 +31,7 @@ from mmmetaformer.models import MetaFormer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools'))
 import convert_checkpoint as convert_tool  # noqa: E402
+from common import run_tool  # noqa: E402
 
 S12 = dict(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512))
 
@@ -415,7 +416,7 @@ def test_ambiguous_arch_needs_flag(tmp_path):
     torch.save(to_official(source('identityformer_s12')[1]), path)
     with pytest.raises(SystemExit, match='could be any of poolformerv2_s12, identityformer_s12 '
                        r'\(identical tensor layouts\); pass --arch'):
-        convert_tool.main([str(path), str(tmp_path / 'out.pth')])
+        run_tool(lambda: convert_tool.main([str(path), str(tmp_path / 'out.pth')]))
 
 
 def test_remote_names(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from mmmetaformer.models.metaformer import FAMILIES  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools'))
 import export_onnx as export_tool  # noqa: E402
+from common import run_tool  # noqa: E402
 
 SIZES = ((64, 64), (96, 128))
 RTOL = 1e-4  # max |onnxruntime - PyTorch| relative to max |PyTorch| per output
@@ -151,5 +152,5 @@ def test_tool_check_and_errors(tmp_path, capsys):
              'error: '),
             (['identityformer_s12', '--opset', '13'], 'error: opset 13 < 14')]:
         with pytest.raises(SystemExit) as exc:
-            export_tool.main(argv + ['--out', out])
+            run_tool(lambda: export_tool.main(argv + ['--out', out]))  # as on the command line
         assert str(exc.value.code).startswith(message) and '\n' not in str(exc.value.code)

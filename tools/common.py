@@ -38,6 +38,10 @@ from mmengine.config import Config, DictAction  # noqa: E402
 
 import mmmetaformer  # noqa: F401,E402  (registers the backbones, applies mmmetaformer.compat)
 from mmmetaformer.checkpoints import CheckpointError  # noqa: E402
+from mmmetaformer.deploy import ExportError  # noqa: E402
+
+# errors about the user's files and arguments: their message alone says what to do
+USER_ERRORS = (CheckpointError, ExportError)
 from mmmetaformer.datasets import check_dataset  # noqa: E402
 
 DEBUG_ENV = 'MMMETAFORMER_DEBUG'
@@ -61,10 +65,10 @@ def run_tool(main):
 
 
 def describe_error(err: BaseException) -> str:
-    """The message of ``err``, or of the CheckpointError it was raised from; other errors
+    """The message of ``err``, or of the ``USER_ERRORS`` one it was raised from; other errors
     than a missing or bad file are named with their type and a pointer to ``--debug``."""
     cause = err
-    while cause is not None and not isinstance(cause, CheckpointError):
+    while cause is not None and not isinstance(cause, USER_ERRORS):
         cause = cause.__cause__ or cause.__context__
     if cause is not None:
         return str(cause)

@@ -17,7 +17,6 @@ matching config (see the README's model zoo); both also take SRC itself.
 """
 import argparse
 import os
-import sys
 
 from common import add_debug_arg, run_tool  # first: it silences the stack's known warnings
 
@@ -96,10 +95,7 @@ def main(argv=None):
                         help='take the EMA copy where SRC keeps one besides its weights')
     add_debug_arg(parser)
     args = parser.parse_args(argv)
-    try:
-        convert(args.src, args.dst, args.arch, args.use_ema)
-    except CheckpointError as err:
-        sys.exit(f'error: {err}')
+    convert(args.src, args.dst, args.arch, args.use_ema)
 
 
 if __name__ == '__main__':

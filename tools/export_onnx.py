@@ -14,12 +14,10 @@ whole-image inference), ``dense_head`` (single-stage detectors: raw class and bo
 largest difference per output and both CPU latencies.
 """
 import argparse
-import sys
 
 from common import add_debug_arg, run_tool  # first: it silences the stack's known warnings
 
-from mmmetaformer.checkpoints import CheckpointError
-from mmmetaformer.deploy import (DEFAULT_SHAPES, GROUPNORM_FORMS, ExportError, Exportable,
+from mmmetaformer.deploy import (DEFAULT_SHAPES, GROUPNORM_FORMS, Exportable,
                                  build_exportable, check_onnx, export_onnx)
 
 
@@ -52,14 +50,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        exportable, info = build_exportable(args.config, args.checkpoint, args.part)
-        shape = tuple(args.shape or DEFAULT_SHAPES[info['scope']])
-        names = export_onnx(exportable, args.out, shape, args.dynamic, args.opset,
-                            args.groupnorm, not args.no_fold,
-                            metadata=dict(config=args.config, **info['normalization']))
-    except (CheckpointError, ExportError) as err:
-        sys.exit(f'error: {err}')
+    exportable, info = build_exportable(args.config, args.checkpoint, args.part)
+    shape = tuple(args.shape or DEFAULT_SHAPES[info['scope']])
+    names = export_onnx(exportable, args.out, shape, args.dynamic, args.opset,
+                        args.groupnorm, not args.no_fold,
+                        metadata=dict(config=args.config, **info['normalization']))
     for note in info['notes']:
         print(f'note: {note}')
     print(f'{info["part"]} of {args.config} -> {args.out} (opset {args.opset}, input '
