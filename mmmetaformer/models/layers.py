@@ -16,9 +16,10 @@ from ..registry import MODELS
 class PointwiseLinear(nn.Linear):
     """``nn.Linear`` over the channels of a channels-last (B, H, W, C) tensor.
 
-    On CPU it runs as a 1x1 convolution of the channels_last NCHW view of ``x``: oneDNN computes
-    that 2-3x faster than the BLAS GEMM behind ``F.linear``, forward and backward (README,
-    "Benchmark"). Same parameters (2-D weight), same result up to float rounding.
+    On CPU it runs as a 1x1 convolution of the channels_last NCHW view of ``x``: on AVX-512
+    CPUs oneDNN computes that 2-3x faster than the BLAS GEMM behind ``F.linear``, forward and
+    backward (README, "Benchmark"); on AVX2 the two were measured equal (0.8-1.2x). Same
+    parameters (2-D weight), same result up to float rounding.
 
     ``forward(x, unscale)`` takes an input scaled down by ``unscale`` (see
     :meth:`StarReLU.forward_scaled`) and returns the output of the true input in float32:
