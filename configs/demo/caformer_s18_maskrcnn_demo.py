@@ -6,7 +6,7 @@
 # decay and gradient clipping.
 #
 # Cut to fit 5 minutes on 2 CPU cores, each cut kept only if every class's bbox AP held
-# (a training step: 2.7 s before, 1.2 s after): no stride-4 FPN level (its 3x3 convs and
+# (a training step: about 3 s before, 1.2 s after): no stride-4 FPN level (its 3x3 convs and
 # the RPN's on it took 0.5 s; the shapes are at least 19 px wide at 192x144 and the anchors
 # start at 32 px), 2 mask-head convs instead of 4 (0.3 s), 192x144 instead of 256x192, and 32
 # sampled RoIs per image instead of 512.
