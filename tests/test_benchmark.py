@@ -125,7 +125,6 @@ def test_detector_pair_predicts_the_same():
     uncorrected, the peer found no objects where ours found dozens.)"""
     import argparse
     import copy
-    sys.path.insert(0, str(ROOT / 'tools'))
     import benchmark as tool
     models = tool.build_dense_pair(argparse.Namespace(task='maskrcnn', channels_last=False),
                                    'caformer_s18', torch.device('cpu'))

@@ -29,7 +29,6 @@ from mmmetaformer.checkpoints import CheckpointError, load_pretrained, read_chec
 from mmmetaformer.models import MetaFormer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tools'))
 import convert_checkpoint as convert_tool  # noqa: E402
 from common import run_tool  # noqa: E402
 

@@ -154,9 +154,7 @@ def reference(name):
 
 
 def load_tool(name):
-    if str(ROOT / 'tools') not in sys.path:  # the tools import tools/common.py
-        sys.path.insert(0, str(ROOT / 'tools'))
-    return importlib.import_module(name)
+    return importlib.import_module(name)  # tools/ is on sys.path (setup.cfg, pytest)
 
 
 @pytest.mark.parametrize('layout', ['official', 'timm'])

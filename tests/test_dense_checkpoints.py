@@ -27,7 +27,6 @@ from mmmetaformer.checkpoints import CheckpointError
 from mmmetaformer.models import MetaFormer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tools'))
 import convert_checkpoint as convert_tool  # noqa: E402
 
 MASK_RCNN = 'configs/coco/mask-rcnn_poolformer-s12_fpn_1x_coco.py'

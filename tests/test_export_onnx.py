@@ -3,7 +3,6 @@ backbone exported once with dynamic axes and run at two sizes, a classifier, Sem
 UperNet segmentors (checked against mmseg's own whole-image inference), detector features and
 RetinaNet's head maps, StarReLU folding in float64, the GroupNorm(1) forms and the errors."""
 import copy
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from mmmetaformer.models.layers import GroupNorm1, StarReLU  # noqa: E402
 from mmmetaformer.models.metaformer import FAMILIES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tools'))
 import export_onnx as export_tool  # noqa: E402
 from common import run_tool  # noqa: E402
 

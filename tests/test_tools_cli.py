@@ -14,7 +14,6 @@ DET = 'configs/demo/caformer_s18_maskrcnn_demo.py'
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                                 os.getenv('PYTHONPATH')])))
 ENV.pop('MMMETAFORMER_DEBUG', None)
-sys.path.insert(0, str(ROOT / 'tools'))
 import common  # noqa: E402
 
 

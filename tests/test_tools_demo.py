@@ -3,7 +3,6 @@ the check of the drawn predictions against the picture's objects."""
 import contextlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ import torch
 from mmengine.structures import InstanceData
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tools'))
 import demo  # noqa: E402
 
 from mmmetaformer.datasets.demo_data import COCO_CLASSES, write_coco_demo  # noqa: E402
