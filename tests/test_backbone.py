@@ -7,7 +7,7 @@ from timm.layers import DropPath
 import mmmetaformer  # noqa: F401
 from mmmetaformer.models import (ARCHS, CAFormer, ConvFormer, IdentityFormer, MetaFormer,
                                  PoolFormer, PoolFormerV2, RandFormer)
-from mmmetaformer.models.layers import PointwiseLinear, StarReLU
+from mmmetaformer.models.layers import DepthwiseConv2d, PointwiseLinear, StarReLU, _DepthwiseConvFunction
 from mmmetaformer.models.mixers import (Attention, Pooling, RandomMixing,
                                         resample_mixing_matrix)
 
@@ -158,6 +158,28 @@ def test_pointwise_linear_is_linear():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     x64 = x.double().requires_grad_()
     assert torch.autograd.gradcheck(layer.double(), (x64, ))
+
+
+@pytest.mark.parametrize('shape', [(1, 8, 13, 9), (3, 5, 1, 1), (2, 6, 4, 17)])
+def test_depthwise_conv_gradients(shape):
+    """The depthwise conv's own weight gradient against PyTorch's convolution backward, in
+    float32 on a channels-last input as in SepConv, and gradcheck in float64."""
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(shape[1], 7)
+    x = torch.randn(shape).to(memory_format=torch.channels_last).requires_grad_()
+    out = conv(x)
+    assert type(out.grad_fn).__name__ == '_DepthwiseConvFunctionBackward'
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, conv.weight), grad)
+    x_ref = x.detach().clone().requires_grad_()
+    weight = conv.weight.detach().clone().requires_grad_()
+    expected_out = F.conv2d(x_ref, weight, padding=3, groups=shape[1])
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    for g, e in zip(got, torch.autograd.grad(expected_out, (x_ref, weight), grad)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    x64 = torch.randn(shape, dtype=torch.double, requires_grad=True)
+    w64 = conv.weight.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _DepthwiseConvFunction.apply(a, b, 3), (x64, w64))
 
 
 @pytest.mark.parametrize('cls', [cls for cls, _ in FAMILIES])

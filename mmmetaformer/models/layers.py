@@ -39,6 +39,65 @@ class PointwiseLinear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
+def _depthwise_weight_grad(x, grad, padding: int):
+    """The weight gradient of a stride-1 depthwise convolution of ``x`` (B, C, H, W) whose
+    output gradient is ``grad``: per channel, the correlation of the padded input with the
+    gradient, summed over the batch, as one depthwise convolution of the B*C padded input
+    planes by the B*C gradient planes (the kernel is the gradient, the output the weight)."""
+    B, C, H, W = grad.shape
+    p = padding
+    planes = x.new_zeros(C, B, H + 2 * p, W + 2 * p)
+    planes[:, :, p:p + H, p:p + W] = x.transpose(0, 1)
+    kernels = grad.transpose(0, 1).reshape(C * B, 1, H, W).contiguous()
+    out = F.conv2d(planes.view(1, C * B, H + 2 * p, W + 2 * p), kernels, groups=C * B)
+    return out.reshape(C, B, *out.shape[-2:]).sum(1, keepdim=True)
+
+
+class _DepthwiseConvFunction(torch.autograd.Function):
+    """A stride-1 depthwise convolution without bias whose weight gradient is
+    :func:`_depthwise_weight_grad`; the forward pass and the input gradient are PyTorch's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        return F.conv2d(x, weight, padding=padding, groups=weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        p = ctx.padding
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [1, 1], [p, p], [1, 1], False, [0, 0], weight.shape[0],
+                [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            grad_weight = _depthwise_weight_grad(x, grad, p)
+        return grad_x, grad_weight, None
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)``.
+
+    In float32 training on CPU the weight gradient is computed as one depthwise convolution
+    (:func:`_depthwise_weight_grad`): oneDNN's own weight-gradient kernel for a 7x7 depthwise
+    convolution is the slowest step of a ConvFormer block's backward pass, and the convolution
+    form takes 0.4-0.7x its time at the shapes of ConvFormer and CAFormer (README,
+    "Benchmark"). Same result up to float rounding.
+    """
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
+
+    def forward(self, x):
+        if (x.device.type != 'cpu' or x.dtype != torch.float32 or not torch.is_grad_enabled()
+                or not self.weight.requires_grad or torch.is_autocast_enabled('cpu')):
+            return super().forward(x)
+        return _DepthwiseConvFunction.apply(x, self.weight, self.padding[0])
+
+
 def activate(act: nn.Module, x: torch.Tensor):
     """``(act(x), None)``, or for StarReLU on a float16 ``x`` the overflow-safe
     ``(act(x) / unscale, unscale)`` of :meth:`StarReLU.forward_scaled`, for a linear layer

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import PointwiseLinear, StarReLU, activate
+from .layers import DepthwiseConv2d, PointwiseLinear, StarReLU, activate
 
 
 class Pooling(nn.Module):
@@ -44,8 +44,7 @@ class SepConv(nn.Module):
         hidden = int(expansion_ratio * dim)
         self.pwconv1 = PointwiseLinear(dim, hidden, bias=False)
         self.act1 = StarReLU(inplace=True)
-        self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2,
-                                groups=hidden, bias=False)
+        self.dwconv = DepthwiseConv2d(hidden, kernel_size)
         self.pwconv2 = PointwiseLinear(hidden, dim, bias=False)
 
     def forward(self, x):
