@@ -22,7 +22,8 @@ from torch.nn.modules.utils import _pair
 from .checkpoints import (CheckpointError, convert_to_canonical, detect_format,
                           load_checkpoint_file, load_pretrained)
 from .models import ARCHS, MetaFormer
-from .models.layers import GroupNorm1, Mlp, PointwiseLinear, SquaredReLU, StarReLU
+from .models.layers import (GroupNorm1, Mlp, PointwiseLinear, SquaredReLU, StarReLU,
+                            folded_star_relu_params)
 from .models.mixers import RandomMixing, SepConv, resample_mixing_matrix
 
 #: Input size of a static export and of ``--check`` per kind of model (H, W).
@@ -148,13 +149,12 @@ class ExportUpsample(nn.Module):
 
 
 def _fold_into_linear(act: StarReLU, fc: nn.Linear) -> PointwiseLinear:
-    """``fc(s * relu(x)**2 + b)`` as ``fc'(relu(x)**2)``: W' = s W, c' = c + b W 1."""
-    weight = fc.weight.detach()
-    folded = PointwiseLinear(fc.in_features, fc.out_features, bias=True).to(weight)
-    bias = act.bias.detach() * weight.sum(1)
+    """``fc(s * relu(x)**2 + b)`` as ``fc'(relu(x)**2)`` (:func:`folded_star_relu_params`)."""
+    folded = PointwiseLinear(fc.in_features, fc.out_features, bias=True).to(fc.weight)
+    weight, bias = folded_star_relu_params(act, fc)
     with torch.no_grad():
-        folded.weight.copy_(weight * act.scale.detach())
-        folded.bias.copy_(bias if fc.bias is None else fc.bias.detach() + bias)
+        folded.weight.copy_(weight)
+        folded.bias.copy_(bias)
     return folded
 
 
