@@ -7,7 +7,8 @@ from timm.layers import DropPath
 import mmmetaformer  # noqa: F401
 from mmmetaformer.models import (ARCHS, CAFormer, ConvFormer, IdentityFormer, MetaFormer,
                                  PoolFormer, PoolFormerV2, RandFormer)
-from mmmetaformer.models.layers import DepthwiseConv2d, PointwiseLinear, StarReLU, _DepthwiseConvFunction
+from mmmetaformer.models.layers import (DepthwiseConv2d, PointwiseLinear, StarReLU,
+                                        _DepthwiseConvFunction)
 from mmmetaformer.models.mixers import (Attention, Pooling, RandomMixing,
                                         resample_mixing_matrix)
 
@@ -179,7 +180,8 @@ def test_depthwise_conv_gradients(shape):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     x64 = torch.randn(shape, dtype=torch.double, requires_grad=True)
     w64 = conv.weight.detach().double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: _DepthwiseConvFunction.apply(a, b, 3), (x64, w64))
+    assert torch.autograd.gradcheck(lambda a, b: _DepthwiseConvFunction.apply(a, b, 3),
+                                    (x64, w64))
 
 
 @pytest.mark.parametrize('cls', [cls for cls, _ in FAMILIES])

@@ -1,7 +1,6 @@
 """ImageNet classification: the configs of configs/imagenet build, official and timm checkpoints
 give the official logits through tools/convert_checkpoint.py, and tools/train.py + tools/test.py
 run on demo ImageNet-format data."""
-import importlib
 import re
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from timm.models.metaformer import MetaFormer as TimmMetaFormer
 import mmmetaformer  # noqa: F401
 from mmmetaformer.datasets.demo_data import write_imagenet_demo
 from mmmetaformer.models import ARCHS
+
+import convert_checkpoint as convert_tool  # tools/ is on sys.path (setup.cfg)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / 'configs' / 'imagenet').glob('*.py'))
@@ -153,10 +154,6 @@ def reference(name):
     return model.eval()
 
 
-def load_tool(name):
-    return importlib.import_module(name)  # tools/ is on sys.path (setup.cfg, pytest)
-
-
 @pytest.mark.parametrize('layout', ['official', 'timm'])
 @pytest.mark.parametrize('name', SMALLEST)
 def test_checkpoint_gives_official_logits(name, layout, tmp_path):
@@ -166,7 +163,7 @@ def test_checkpoint_gives_official_logits(name, layout, tmp_path):
         state = official_layout(state, name)
     src, dst = tmp_path / f'{layout}.pth', tmp_path / 'converted.pth'
     torch.save(state, src)
-    load_tool('convert_checkpoint').convert(str(src), str(dst), arch=name)
+    convert_tool.convert(str(src), str(dst), arch=name)
 
     cfg = Config.fromfile(str(ROOT / 'configs' / 'imagenet' / f'{name}_in1k.py'))
     classifier = MODELS.build(cfg.model).eval()
