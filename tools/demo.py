@@ -165,7 +165,8 @@ def main():
     file_name, objects = busiest_image(ann_file)
     image = osp.join(coco, 'val2017', file_name)
     picture = osp.join(args.work_dir, 'predictions.png')
-    model = init_predictor(osp.join(ROOT, CONFIG), osp.join(ROOT, checkpoint), 'cpu')
+    with contextlib.redirect_stdout(io.StringIO()):  # mmengine prints "Loads checkpoint ..."
+        model = init_predictor(osp.join(ROOT, CONFIG), osp.join(ROOT, checkpoint), 'cpu')
     pred = draw_detections(model, osp.join(ROOT, image), osp.join(ROOT, picture), SCORE_THR)
     found, drawn = found_objects(pred, objects, SCORE_THR)
 
