@@ -1,5 +1,5 @@
-"""tools/demo.py's summary: per-class AP against pycocotools' own per-class evaluation, and
-the check of the drawn predictions against the picture's objects."""
+"""tools/demo.py's summary: per-class AP against pycocotools' own per-class evaluation, the
+check of the drawn predictions against the picture's objects, and the drawing step's silence."""
 import contextlib
 import io
 import json
@@ -104,3 +104,26 @@ def test_imagenet_demo_config_trains_on_the_demo_data(tmp_path):
     assert dataset.CLASSES == IMAGENET_CLASSES and len(dataset) == 4
     assert model.head.num_classes == len(IMAGENET_CLASSES)
     assert torch.isfinite(log_vars['loss'])
+
+
+def test_draw_busiest_image_is_quiet(coco, tmp_path, capsys):
+    """The demo's last step draws a checkpoint's predictions on the busiest validation image
+    and prints nothing of its own (mmengine prints "Loads checkpoint ..." when loading)."""
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    cfg = Config.fromfile(str(ROOT / demo.CONFIG))
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    checkpoint = tmp_path / 'demo.pth'
+    torch.save(dict(state_dict=model.state_dict(), meta=dict(
+        dataset_meta=dict(classes=COCO_CLASSES))), checkpoint)
+    picture = tmp_path / 'predictions.png'
+    capsys.readouterr()
+    image, objects, found, drawn = demo.draw_busiest_image(
+        str(checkpoint), str(coco), str(coco.parent.parent / 'val2017'), str(picture))
+    assert capsys.readouterr().out == ''
+    assert picture.stat().st_size > 0
+    assert (Path(image).name, objects) == demo.busiest_image(str(coco))
+    assert 0 <= found <= len(objects) and drawn >= 0

@@ -134,6 +134,19 @@ def found_objects(pred, objects, score_thr, iou_thr=0.5):
                for i, (label, _) in enumerate(objects)), int(keep.sum())
 
 
+def draw_busiest_image(checkpoint, ann_file, image_dir, picture):
+    """Draw the predictions of the demo model in ``checkpoint`` on the validation image with
+    the most objects into ``picture``, quietly; returns the image's path, its objects, how many
+    of them a box scoring :data:`SCORE_THR` found and how many boxes were drawn."""
+    from infer import draw_detections, init_predictor
+    file_name, objects = busiest_image(ann_file)
+    image = osp.join(image_dir, file_name)
+    with contextlib.redirect_stdout(io.StringIO()):  # mmengine prints "Loads checkpoint ..."
+        model = init_predictor(osp.join(ROOT, CONFIG), checkpoint, 'cpu')
+    pred = draw_detections(model, osp.join(ROOT, image), picture, SCORE_THR)
+    return (image, objects, *found_objects(pred, objects, SCORE_THR))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--work-dir', default='work_dirs/demo')
@@ -161,14 +174,9 @@ def main():
     table = per_class_ap(ann_file, results)
 
     say('drawing the predictions on the validation image with the most objects')
-    from infer import draw_detections, init_predictor
-    file_name, objects = busiest_image(ann_file)
-    image = osp.join(coco, 'val2017', file_name)
     picture = osp.join(args.work_dir, 'predictions.png')
-    with contextlib.redirect_stdout(io.StringIO()):  # mmengine prints "Loads checkpoint ..."
-        model = init_predictor(osp.join(ROOT, CONFIG), osp.join(ROOT, checkpoint), 'cpu')
-    pred = draw_detections(model, osp.join(ROOT, image), osp.join(ROOT, picture), SCORE_THR)
-    found, drawn = found_objects(pred, objects, SCORE_THR)
+    image, objects, found, drawn = draw_busiest_image(
+        osp.join(ROOT, checkpoint), ann_file, osp.join(coco, 'val2017'), osp.join(ROOT, picture))
 
     minutes, seconds = divmod(round(time.time() - start), 60)
     say()
