@@ -151,8 +151,8 @@ class ExportUpsample(nn.Module):
 def _fold_into_linear(act: StarReLU, fc: nn.Linear) -> PointwiseLinear:
     """``fc(s * relu(x)**2 + b)`` as ``fc'(relu(x)**2)`` (:func:`folded_star_relu_params`)."""
     folded = PointwiseLinear(fc.in_features, fc.out_features, bias=True).to(fc.weight)
-    weight, bias = folded_star_relu_params(act, fc)
     with torch.no_grad():
+        weight, bias = folded_star_relu_params(act, fc)
         folded.weight.copy_(weight)
         folded.bias.copy_(bias)
     return folded

@@ -116,6 +116,8 @@ def test_draw_busiest_image_is_quiet(coco, tmp_path, capsys):
     torch.manual_seed(0)
     with DefaultScope.overwrite_default_scope('mmdet'):
         model = MODELS.build(cfg.model)
+    with torch.no_grad():  # every RoI scores high as a circle: boxes get drawn
+        model.roi_head.bbox_head.fc_cls.bias[0] = 10.
     checkpoint = tmp_path / 'demo.pth'
     torch.save(dict(state_dict=model.state_dict(), meta=dict(
         dataset_meta=dict(classes=COCO_CLASSES))), checkpoint)
@@ -126,4 +128,9 @@ def test_draw_busiest_image_is_quiet(coco, tmp_path, capsys):
     assert capsys.readouterr().out == ''
     assert picture.stat().st_size > 0
     assert (Path(image).name, objects) == demo.busiest_image(str(coco))
-    assert 0 <= found <= len(objects) and drawn >= 0
+    # the counts are those of mmdet's own inference on that image with the same checkpoint
+    from mmdet.apis import inference_detector, init_detector
+    with contextlib.redirect_stdout(io.StringIO()):
+        detector = init_detector(cfg, str(checkpoint), device='cpu')
+    pred = inference_detector(detector, image).pred_instances
+    assert drawn > 0 and (found, drawn) == demo.found_objects(pred, objects, demo.SCORE_THR)
