@@ -29,7 +29,7 @@ import torch
 from mmengine.logging import print_log
 
 from . import trust
-from .models.metaformer import ARCHS
+from .archs import ARCHS
 
 #: Supported layouts: name -> (a key only that layout has, description).
 FORMATS = {

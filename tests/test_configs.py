@@ -9,7 +9,7 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 import mmmetaformer  # noqa: F401
-from mmmetaformer.models.metaformer import ARCHS
+from mmmetaformer.archs import ARCHS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / 'configs'

@@ -15,7 +15,7 @@ from mmmetaformer.deploy import (Exportable, build_exportable, check_onnx,  # no
                                  export_forms, export_onnx, fold_star_relu)
 from mmmetaformer.models import MetaFormer  # noqa: E402
 from mmmetaformer.models.layers import GroupNorm1, StarReLU  # noqa: E402
-from mmmetaformer.models.metaformer import FAMILIES  # noqa: E402
+from mmmetaformer.archs import FAMILIES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 import export_onnx as export_tool  # noqa: E402

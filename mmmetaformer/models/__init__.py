@@ -1,6 +1,7 @@
 import importlib.util
 
-from .metaformer import (ARCHS, CAFormer, ConvFormer, IdentityFormer, MetaFormer, PoolFormer,
+from ..archs import ARCHS
+from .metaformer import (CAFormer, ConvFormer, IdentityFormer, MetaFormer, PoolFormer,
                          PoolFormerV2, RandFormer)
 
 if importlib.util.find_spec('mmpretrain'):  # the classifier head needs the "cls" extra
