@@ -6,8 +6,8 @@ import shutil
 import pytest
 from mmengine.config import Config
 
-from mmmetaformer.datasets import (check_dataset, write_ade20k_demo, write_coco_demo,
-                                   write_imagenet_demo)
+from mmmetaformer.dataset_checks import check_dataset
+from mmmetaformer.demo_data import write_ade20k_demo, write_coco_demo, write_imagenet_demo
 
 HINT = "(see README, 'Prepare datasets')"
 

@@ -38,7 +38,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 
 import mmmetaformer  # noqa: F401,E402  (registers the backbones, applies mmmetaformer.compat)
 from mmmetaformer.checkpoints import CheckpointError  # noqa: E402
-from mmmetaformer.datasets import check_dataset  # noqa: E402
+from mmmetaformer.dataset_checks import check_dataset  # noqa: E402
 from mmmetaformer.deploy import ExportError  # noqa: E402
 
 # errors about the user's files and arguments: their message alone says what to do
