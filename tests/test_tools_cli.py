@@ -51,12 +51,47 @@ def test_missing_checkpoint_of_test_py(tmp_path):
     assert 'Warning' not in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize('option', ['load_from', '--resume'])
+def test_missing_load_from_or_resume_file_of_train_py(tmp_path, option):
+    """Named before the runner is built (its build output is hundreds of lines)."""
+    from mmmetaformer.demo_data import write_coco_demo
+    data = tmp_path / 'coco'
+    write_coco_demo(str(data), num_train=1, num_val=1, image_size=(96, 64))
+    missing = tmp_path / 'epoch_12.pth'
+    options = [f'{split}_dataloader.dataset.data_root={data}/' for split in ('train', 'val', 'test')]
+    given = [*options, f'load_from={missing}'] if option == 'load_from' else \
+        [*options, '--resume', str(missing)]
+    proc = tool('tools/train.py', DET, '--work-dir', str(tmp_path / 'work'), '--cfg-options',
+                *given)
+    assert_one_error_line(proc, f'{option} file not found: {missing}')
+    assert proc.stdout == ''
+
+
+@pytest.mark.parametrize('config,words', [
+    (DET, ["mmdet's DetTTAModel merges boxes only"]),
+    ('configs/demo/caformer_s18_imagenet_demo.py', ['--tta needs tta_model and tta_pipeline'])])
+def test_tta_where_the_config_allows(tmp_path, config, words):
+    from mmmetaformer.demo_data import write_coco_demo, write_imagenet_demo
+    data = tmp_path / 'data'
+    if config == DET:
+        write_coco_demo(str(data), num_train=1, num_val=1, image_size=(96, 64))
+    else:
+        write_imagenet_demo(str(data), num_train_per_class=1, num_val_per_class=1)
+    checkpoint = tmp_path / 'epoch_1.pth'
+    checkpoint.write_bytes(b'')  # never read: refused before the model is built
+    proc = tool('tools/test.py', config, str(checkpoint), '--tta',
+                '--work-dir', str(tmp_path / 'work'),
+                '--cfg-options', f'test_dataloader.dataset.data_root={data}/')
+    assert_one_error_line(proc, *words)
+
+
 def test_infer_checks_files_before_building(tmp_path):
     checkpoint = tmp_path / 'empty.pth'
-    proc = tool('tools/infer.py', 'no_such.jpg', DET, str(checkpoint))
+    proc = tool('tools/infer.py', 'no_such.jpg', DET, '--weights', str(checkpoint))
     assert_one_error_line(proc, 'checkpoint', str(checkpoint))
     checkpoint.write_bytes(b'')  # never read: the image is checked before the model is built
-    proc = tool('tools/infer.py', str(tmp_path / 'no_such.jpg'), DET, str(checkpoint))
+    proc = tool('tools/infer.py', str(tmp_path / 'no_such.jpg'), DET, '--weights',
+                str(checkpoint))
     assert_one_error_line(proc, 'no images found', str(tmp_path / 'no_such.jpg'))
     assert 'Warning' not in proc.stderr + proc.stdout
 
@@ -71,6 +106,17 @@ def test_damaged_annotation_file_in_train_py(tmp_path):
                 f'train_dataloader.dataset.data_root={data}/')
     assert_one_error_line(proc, str(annotations), 'again')
     assert 'ValueError' not in proc.stderr
+
+def test_classes_missing_from_the_annotation_file_in_train_py(tmp_path):
+    from mmmetaformer.demo_data import write_coco_demo
+    data = tmp_path / 'coco'
+    write_coco_demo(str(data), num_train=2, num_val=1, image_size=(96, 64))
+    proc = tool('tools/train.py', DET, '--work-dir', str(tmp_path / 'work'), '--cfg-options',
+                f'train_dataloader.dataset.data_root={data}/',
+                "train_dataloader.dataset.metainfo.classes=['circle','square','hexagon']")
+    assert_one_error_line(proc, str(data / 'annotations/instances_train2017.json'),
+                          "the config's classes 1 (hexagon)", 'metainfo')
+
 
 def test_failed_pretrained_download_in_train_py(tmp_path):
     from mmmetaformer.demo_data import write_coco_demo
@@ -101,3 +147,55 @@ def test_dist_launcher_finds_the_project_environment():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'Train a model from an OpenMMLab config' in proc.stdout
+
+
+# The Python API example of the docs, as a user pastes it after `make demo`.
+API_EXAMPLE = """\
+import warnings
+# notices of the pinned stack at import (setuptools for mmengine, torch.jit for mmcv)
+warnings.filterwarnings('ignore', '(pkg_resources|`torch.jit.interface`) is deprecated')
+
+import mmcv
+from mmdet.apis import inference_detector, init_detector
+from mmdet.registry import VISUALIZERS
+
+image = 'data/demo/coco/val2017/000000000001.png'
+model = init_detector('configs/demo/caformer_s18_maskrcnn_demo.py',
+                      'work_dirs/demo/epoch_3.pth', device='cpu')  # or 'cuda:0'
+result = inference_detector(model, image)
+pred = result.pred_instances[result.pred_instances.scores >= 0.5]
+print(pred.bboxes, pred.labels, pred.masks.shape)  # x1 y1 x2 y2 pixels, class ids, (N, H, W) masks
+print([model.dataset_meta['classes'][i] for i in pred.labels])
+
+# draw boxes, class names, scores and masks with the config's visualizer
+visualizer = VISUALIZERS.build(dict(model.cfg.visualizer, vis_backends=None))
+visualizer.dataset_meta = model.dataset_meta
+visualizer.add_datasample('result', mmcv.imread(image, channel_order='rgb'), result,
+                          draw_gt=False, pred_score_thr=0.5, out_file='result.png')
+"""
+
+
+def test_python_api_example_draws_quietly(tmp_path):
+    """Run in a fresh interpreter from a copy of the repository layout (demo data, a
+    checkpoint of the demo config), the example writes the drawing and prints no warning."""
+    import cv2
+    import torch
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, DefaultScope
+    from mmmetaformer.demo_data import write_coco_demo
+    write_coco_demo(str(tmp_path / 'data/demo/coco'), num_train=1, num_val=1)
+    (tmp_path / 'configs').symlink_to(ROOT / 'configs')
+    cfg = Config.fromfile(str(ROOT / DET))
+    cfg.model.backbone.init_cfg = None
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    (tmp_path / 'work_dirs/demo').mkdir(parents=True)
+    meta = dict(dataset_meta=dict(classes=('circle', 'square', 'triangle')))  # as training saves
+    torch.save(dict(state_dict=model.state_dict(), meta=meta),
+               tmp_path / 'work_dirs/demo/epoch_3.pth')
+    proc = subprocess.run([sys.executable, '-c', API_EXAMPLE], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert 'arning' not in proc.stderr + proc.stdout, proc.stderr
+    image = cv2.imread(str(tmp_path / 'data/demo/coco/val2017/000000000001.png'))
+    assert cv2.imread(str(tmp_path / 'result.png')).shape == image.shape

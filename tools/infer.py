@@ -1,13 +1,13 @@
-"""Run a detector or segmentor on images and save a picture of its predictions per image.
+"""Run a detector or segmentor on images and save a picture of its predictions per image,
+with the argument names of mmdet's demo/image_demo.py.
 
-    python tools/infer.py IMAGES CONFIG CHECKPOINT [--out result.png] [--device cpu]
-        [--score-thr 0.3] [--opacity 0.5]
+    python tools/infer.py INPUTS CONFIG --weights CHECKPOINT [--out-dir outputs]
+        [--device cpu] [--pred-score-thr 0.3] [--opacity 0.5]
 
-IMAGES is an image file, a folder (its .jpg/.jpeg/.png/.bmp files) or a quoted glob pattern
-(``'data/*.jpg'``). One image: ``--out`` is the picture (default ``result.png``); several:
-``--out`` is a folder (default ``infer_results/``) that gets ``<image name>.png`` per image.
-Detection: boxes, class names, scores and instance masks above ``--score-thr``.
-Segmentation: the predicted label map blended over the image.
+INPUTS is an image file, a folder (its .jpg/.jpeg/.png/.bmp files) or a quoted glob pattern
+(``'data/*.jpg'``); the picture of each image is ``OUT_DIR/vis/<image file name>``, as mmdet's
+``DetInferencer`` names it. Detection: boxes, class names, scores and instance masks scoring at
+least ``--pred-score-thr``. Segmentation: the predicted label map blended over the image.
 """
 import argparse
 import glob
@@ -21,14 +21,14 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('images', help='image file, folder or quoted glob pattern')
-    parser.add_argument('config', help='config file (mmdet or mmseg)')
-    parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--out', help='output picture for one image (default result.png), '
-                        'output folder for several (default infer_results/)')
+    parser.add_argument('inputs', help='image file, folder or quoted glob pattern')
+    parser.add_argument('model', help='config file (mmdet or mmseg)')
+    parser.add_argument('--weights', required=True, help='checkpoint file')
+    parser.add_argument('--out-dir', default='outputs',
+                        help='the pictures go to OUT_DIR/vis/ (default: %(default)s)')
     parser.add_argument('--device', help='default: cuda:0 if available, else cpu')
-    parser.add_argument('--score-thr', type=float, default=0.3,
-                        help='detection: draw boxes scoring at least this')
+    parser.add_argument('--pred-score-thr', type=float, default=0.3,
+                        help='detection: draw boxes scoring at least this (default: %(default)s)')
     parser.add_argument('--opacity', type=float, default=0.5,
                         help='segmentation: opacity of the label overlay')
     add_debug_arg(parser)
@@ -48,17 +48,15 @@ def find_images(spec):
     return images
 
 
-def output_paths(spec, images, out):
-    """One picture path per image: ``out`` itself for a single image file, else
-    ``out/<image name>.png``."""
-    if osp.isfile(spec):
-        return [out or 'result.png']
-    out = out or 'infer_results'
-    if out.lower().endswith(IMAGE_EXTENSIONS):
-        raise SystemExit(f'error: {spec} names {len(images)} images; --out must be a folder, '
-                         f'got {out}')
-    os.makedirs(out, exist_ok=True)
-    return [osp.join(out, osp.splitext(osp.basename(p))[0] + '.png') for p in images]
+def output_paths(images, out_dir):
+    """``out_dir/vis/<image file name>`` per image; two images of one name are refused."""
+    names = [osp.basename(p) for p in images]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SystemExit(f'error: several input images are named {", ".join(twice)}: their '
+                         'pictures would overwrite each other; pass one folder at a time')
+    os.makedirs(osp.join(out_dir, 'vis'), exist_ok=True)
+    return [osp.join(out_dir, 'vis', name) for name in names]
 
 
 def init_predictor(cfg, checkpoint, device):
@@ -110,25 +108,25 @@ def draw_segmentation(model, image, out, opacity):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_file(args.config, 'config')
-    check_file(args.checkpoint, 'checkpoint')
-    images = find_images(args.images)
-    outs = output_paths(args.images, images, args.out)
+    check_file(args.model, 'config')
+    check_file(args.weights, 'checkpoint')
+    images = find_images(args.inputs)
+    outs = output_paths(images, args.out_dir)
 
     import torch
     from mmengine.config import Config
-    cfg = Config.fromfile(args.config)
+    cfg = Config.fromfile(args.model)
     scope = cfg.get('default_scope')
     if scope not in ('mmdet', 'mmseg'):
         raise SystemExit(f'error: infer.py takes mmdet or mmseg configs, got default_scope '
-                         f'{scope!r} in {args.config}')
+                         f'{scope!r} in {args.model}')
     device = args.device or ('cuda:0' if torch.cuda.is_available() else 'cpu')
-    model = init_predictor(cfg, args.checkpoint, device)
+    model = init_predictor(cfg, args.weights, device)
     for image, out in zip(images, outs):
         if scope == 'mmdet':
-            pred = draw_detections(model, image, out, args.score_thr)
-            print(f'{image}: {int((pred.scores >= args.score_thr).sum())} detections scoring '
-                  f'>= {args.score_thr} -> {out}')
+            pred = draw_detections(model, image, out, args.pred_score_thr)
+            print(f'{image}: {int((pred.scores >= args.pred_score_thr).sum())} detections '
+                  f'scoring >= {args.pred_score_thr} -> {out}')
         else:
             draw_segmentation(model, image, out, args.opacity)
             print(f'{image}: segmentation -> {out}')

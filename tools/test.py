@@ -1,7 +1,7 @@
 """Evaluate a checkpoint of a detector, segmentor or classifier with its config's test metrics.
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE_OR_DIR]
-        [--show-dir DIR] [--cfg-options KEY=VALUE ...] [--launcher pytorch|slurm|mpi]
+        [--show-dir DIR] [--tta] [--cfg-options KEY=VALUE ...] [--launcher pytorch|slurm|mpi]
 
 Metrics come from the config's ``test_evaluator``: COCO bbox/segm mAP (mmdet), mIoU (mmseg),
 top-1/top-5 accuracy (mmpretrain).
@@ -20,8 +20,29 @@ def parse_args():
     parser.add_argument('--show-dir', help='save every test image with its drawn predictions '
                         '(detection: WORK_DIR/<run>/SHOW_DIR; segmentation: '
                         'SHOW_DIR/vis_data/vis_image)')
+    parser.add_argument('--tta', action='store_true', help="test-time augmentation with the "
+                        "config's tta_model and tta_pipeline (mmseg's dataset configs define "
+                        "them; a detector config can inherit e.g. mmdet::retinanet/retinanet_tta.py)")
     add_common_args(parser)
     return parser.parse_args()
+
+
+def enable_tta(cfg):
+    """Wrap the model in the config's ``tta_model`` and test with its ``tta_pipeline``, as
+    mmdet's and mmseg's tools/test.py do."""
+    if cfg.get('default_scope') == 'mmdet' and cfg.model.get('roi_head', {}).get('mask_head'):
+        raise SystemExit("error: --tta: mmdet's DetTTAModel merges boxes only, and this "
+                         'config predicts instance masks')
+    missing = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
+    if missing:
+        raise SystemExit(f'error: --tta needs {" and ".join(missing)} in the config (mmseg\'s '
+                         'dataset configs define both; for a detector, add e.g. '
+                         "'mmdet::retinanet/retinanet_tta.py' to _base_)")
+    dataset = cfg.test_dataloader.dataset
+    while 'dataset' in dataset:  # through dataset wrappers
+        dataset = dataset.dataset
+    dataset.pipeline = cfg.tta_pipeline
+    cfg.model = dict(cfg.tta_model, module=cfg.model)
 
 
 def enable_drawing(cfg, scope, show_dir):
@@ -46,6 +67,8 @@ def main():
     scope = cfg.get('default_scope')
     if args.show_dir:
         enable_drawing(cfg, scope, args.show_dir)
+    if args.tta:
+        enable_tta(cfg)
     if args.out and scope == 'mmseg':
         cfg.test_evaluator.update(output_dir=args.out, keep_results=True)
     elif args.out and not args.out.endswith(('.pkl', '.pickle')):
