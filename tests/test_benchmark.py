@@ -38,11 +38,11 @@ def run_benchmark(out, *args):
 def benchmark(tmp_path_factory):
     out = tmp_path_factory.mktemp('benchmark') / 'out.json'
     proc = run_benchmark(out, '--models', *MODELS, '--sizes', '64x64', '--warmup', '1')
-    return proc.stdout, json.loads(out.read_text())
+    return proc.stdout, json.loads(out.read_text()), proc.stderr
 
 
 def test_json_fields(benchmark):
-    _, result = benchmark
+    _, result, _ = benchmark
     assert MACHINE_FIELDS <= set(result['machine'])
     assert result['machine']['threads'] == 1 and result['machine']['cuda_device'] is None
     records = result['records']
@@ -58,7 +58,7 @@ def test_json_fields(benchmark):
 
 
 def test_ratios_against_timm(benchmark):
-    _, result = benchmark
+    _, result, _ = benchmark
     for r in result['records']:
         if r['model'] != 'caformer_s18':
             continue
@@ -71,13 +71,13 @@ def test_ratios_against_timm(benchmark):
 
 
 def test_ours_only_without_timm_model(benchmark):
-    _, result = benchmark
+    _, result, _ = benchmark
     records = [r for r in result['records'] if r['model'] == 'identityformer_s12']
     assert records and all(r[field] is None for r in records for field in TIMM_FIELDS)
 
 
 def test_printed_table(benchmark):
-    stdout, result = benchmark
+    stdout, result, _ = benchmark
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith('model'))
     assert lines[header].split() == ['model', 'size', 'mode', 'ours', 'ms', 'timm', 'ms', 'ratio',
@@ -86,6 +86,31 @@ def test_printed_table(benchmark):
     assert [row[:3] for row in rows] == [[r['model'], r['size'], r['mode']]
                                          for r in result['records']]
     assert all(row[4] == '-' for row in rows if row[0] == 'identityformer_s12')
+
+
+def test_spread_warning_follows_the_samples(benchmark):
+    """A case gets a warning exactly when its samples spread wider than max/min 1.3."""
+    _, result, stderr = benchmark
+    for r in result['records']:
+        samples = [s for s in (r['ours_samples_ms'], r['timm_samples_ms']) if s]
+        wide = any(max(s) / min(s) > 1.3 for s in samples)
+        assert (f"warning: {r['model']} {r['size']} {r['mode']}: the samples spread" in stderr) \
+            == wide
+
+
+@pytest.mark.parametrize('ours,timm,wide', [([10, 12.9], [10, 10.5], None),
+                                            ([10, 13.5], None, 'ours 1.35'),
+                                            ([10, 11], [4, 10], 'timm 2.50')])
+def test_spread_warning_names_the_limit_and_the_remedy(ours, timm, wide):
+    import benchmark as tool
+    record = dict(model='caformer_s18', size='224x224', mode='forward', ours_samples_ms=ours,
+                  timm_samples_ms=timm)
+    warning = tool.spread_warning(record)
+    if wide is None:
+        assert warning is None
+    else:
+        assert f'max/min {wide} > 1.3' in warning and '--repeats' in warning
+        assert 'taskset' in warning
 
 
 def test_detector_mode(tmp_path):

@@ -471,6 +471,24 @@ def table_row(record=None) -> str:
     return '  '.join(cells)
 
 
+#: A case whose timed samples spread wider than this (max / min) gets a warning.
+SPREAD_LIMIT = 1.3
+
+
+def spread_warning(record: dict) -> Optional[str]:
+    """A warning line when the samples of a record spread wider than :data:`SPREAD_LIMIT`."""
+    spreads = {impl: max(samples) / min(samples) for impl in ('ours', 'timm')
+               if (samples := record[f'{impl}_samples_ms'])}
+    wide = ', '.join(f'{impl} {spread:.2f}' for impl, spread in spreads.items()
+                     if spread > SPREAD_LIMIT)
+    if not wide:
+        return None
+    return (f"warning: {record['model']} {record['size']} {record['mode']}: the samples spread "
+            f'widely (max/min {wide} > {SPREAD_LIMIT}): other work shared the machine. For a '
+            'quiet measurement stop other programs, pin the run to idle cores (taskset -c, '
+            'with --threads at most their number) and raise --warmup and --repeats')
+
+
 def progress(text: str):
     """A progress line on stderr (the table on stdout stays clean)."""
     print(text, file=sys.stderr, flush=True)
@@ -509,6 +527,8 @@ def run(args) -> dict:
                 record = make_record(args, name, size, mode, times, peaks, diff, timm_with_cp)
                 result['records'].append(record)
                 print(table_row(record), flush=True)
+                if spread_warning(record):
+                    progress(spread_warning(record))
                 if args.json:  # rewritten after every record: a long run keeps what it measured
                     with open(args.json, 'w') as f:
                         json.dump(result, f, indent=1)
