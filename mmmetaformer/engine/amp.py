@@ -86,7 +86,6 @@ def amp_optim_wrapper(optim_wrapper: dict, device: str):
     line = (f'--amp: bfloat16 autocast on {device} of the model\'s '
             f'{" and ".join(CPU_AUTOCAST_MODULES)}, no loss scaling (AutocastOptimWrapper)')
     if device == 'cpu' and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        # measured on an AVX2 EPYC: 3x3 convolutions 40x, linear layers 10x slower than fp32
         line += ('; warning: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so bfloat16 '
                  'runs emulated and slower than float32: leave out --amp here')
     return cfg, line

@@ -16,10 +16,10 @@ from ..registry import MODELS
 class PointwiseLinear(nn.Linear):
     """``nn.Linear`` over the channels of a channels-last (B, H, W, C) tensor.
 
-    On CPU it runs as a 1x1 convolution of the channels_last NCHW view of ``x``: on AVX-512
-    CPUs oneDNN computes that 2-3x faster than the BLAS GEMM behind ``F.linear``, forward and
-    backward (README, "Benchmark"); on AVX2 the two were measured equal (0.8-1.2x). Same
-    parameters (2-D weight), same result up to float rounding.
+    On CPU it runs as a 1x1 convolution of the channels_last NCHW view of ``x``: oneDNN
+    computes that faster than the BLAS GEMM behind ``F.linear`` on AVX-512 CPUs and as fast on
+    AVX2, forward and backward (see the benchmark docs). Same parameters (2-D weight), same
+    result up to float rounding.
 
     ``forward(x, unscale)`` takes an input scaled down by ``unscale`` (see
     :meth:`StarReLU.forward_scaled`) and returns the output of the true input in float32:
@@ -114,8 +114,7 @@ class Mlp(nn.Module):
 
     A StarReLU's scale and bias are applied through ``fc2``'s weights
     (:func:`folded_star_relu_params`): the hidden, four times the block's width, then takes two
-    elementwise passes instead of four forward and three instead of seven backward (measured:
-    a PoolFormerV2 training step 6% faster). In float16 (autocast) ``relu(x) ** 2`` passes
+    elementwise passes instead of four forward and three instead of seven backward. In float16 (autocast) ``relu(x) ** 2`` passes
     65504 once x > 256 while ``fc2``'s output can be small, so there the hidden is scaled down
     instead (:func:`activate`); the output is returned in the input's dtype.
     """
