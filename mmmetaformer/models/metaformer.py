@@ -245,7 +245,11 @@ class MetaFormer(BaseModule):
         if not out_indices or any(not -n <= i < n for i in out_indices):
             raise ValueError(f'out_indices must be non-empty indices of the {n} stages '
                              f'(-{n} to {n - 1}), got {tuple(out_indices)}')
-        return tuple(i % n for i in out_indices)
+        stages = tuple(i % n for i in out_indices)
+        if list(stages) != sorted(set(stages)):  # forward returns stages in order, once each
+            raise ValueError(f'out_indices must name distinct stages in ascending order, got '
+                             f'{tuple(out_indices)}; use {tuple(sorted(set(stages)))}')
+        return stages
 
     def init_weights(self):
         if self._loads_checkpoint(self.init_cfg):
