@@ -370,7 +370,8 @@ def compare_detections(ref: dict, got: dict) -> dict:
         pair = dict(box_iou=ious[i, j], score_diff=abs(ref['scores'][i] - got['scores'][j]))
         if 'masks' in ref:
             a, b = ref['masks'][i], got['masks'][j]
-            pair['mask_iou'] = (a & b).sum() / max((a | b).sum(), 1)
+            union = (a | b).sum()  # two empty masks agree
+            pair['mask_iou'] = (a & b).sum() / union if union else 1.0
         for key, value in pair.items():
             worst[key] = float(max(worst[key], value) if key == 'score_diff'
                                else min(worst[key], value))
