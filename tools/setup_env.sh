@@ -124,9 +124,26 @@ if ! ls "$wheel_dir"/*.whl >/dev/null 2>&1; then
   src="$(find "$work/sdist" -mindepth 1 -maxdepth 1 -type d)"
   sed -i -E 's/-std=c\+\+1[47]/-std=c++20/g' "$src/setup.py"
   if [[ "$device_tag" != cpu ]]; then export FORCE_CUDA=1; fi
-  # No debug information (-g0): a 7 MB library instead of 32 MB, and a shorter compile and link.
+  # CXXFLAGS replaces Python's compile flags (-g -O3): -O2 without debug information (-g0)
+  # gives a 7 MB library instead of 32 MB, and a shorter compile and link.
+  export CFLAGS="${CFLAGS:-} -O2 -g0" CXXFLAGS="${CXXFLAGS:-} -O2 -g0"
+  # Most sources begin with #include "pytorch_cpp_helper.hpp", i.e. with torch's headers,
+  # whose parsing is most of each file's compile time. For the CPU build GCC compiles them
+  # once into a precompiled header beside it, used where the flags match (the same as
+  # ninja's below); elsewhere the header is parsed as usual, and -Winvalid-pch says so.
+  helper="$src/mmcv/ops/csrc/common/pytorch_cpp_helper.hpp"
+  if [[ "$device_tag" == cpu && -f "$helper" ]] &&
+     "${CXX:-c++}" --version | grep -q 'Free Software Foundation'; then
+    read -ra torch_includes < <("$PY" -c 'from torch.utils.cpp_extension import include_paths
+print(" ".join("-I" + p for p in include_paths()))' 2>/dev/null)
+    # shellcheck disable=SC2086  # CXXFLAGS is a list of flags
+    "${CXX:-c++}" $CXXFLAGS -fPIC -std=c++20 -DTORCH_API_INCLUDE_EXTENSION_H \
+      -DTORCH_EXTENSION_NAME=_ext -I"$(dirname "$helper")" "${torch_includes[@]}" \
+      -x c++-header "$helper" -o "$helper.gch"
+    CXXFLAGS+=" -Winvalid-pch"
+  fi
   # ninja's "[done/total]" lines (indented by pip -v) become a progress line every 15 s.
-  CFLAGS="${CFLAGS:-} -g0" CXXFLAGS="${CXXFLAGS:-} -g0" MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     "$PY" -m pip --disable-pip-version-check wheel -v --no-build-isolation --no-deps \
       "$src" -w "$work/dist" > "$work/build.log" 2>&1 &
   build_pid=$!
