@@ -118,7 +118,7 @@ pip_ install -c "$PINS" -r "$work/stack.txt" -e "$ROOT[det,seg,export,tests]" \
 stack_pid=$!
 
 if ! ls "$wheel_dir"/*.whl >/dev/null 2>&1; then
-  log "building $MMCV_PIN ops for torch $torch_version ($device_tag); about 8 minutes on 2 cores"
+  log "building $MMCV_PIN ops for torch $torch_version ($device_tag): the longest step"
   pip_ download "$MMCV_PIN" --no-deps --no-binary :all: --no-build-isolation -d "$work/sdist"
   tar -xzf "$work"/sdist/*.tar.gz -C "$work/sdist"
   src="$(find "$work/sdist" -mindepth 1 -maxdepth 1 -type d)"
