@@ -13,8 +13,8 @@ A snippet to test is marked by an HTML comment on the line before its ```python 
   elsewhere a random image).
 
 Every other Python block must at least compile. Training steps use tiny inputs and pretrained
-loading off (nothing is downloaded); every backbone parameter must get a gradient, as DDP
-requires.
+loading off (nothing is downloaded); the loss must reach every trainable backbone parameter,
+as DDP requires.
 """
 import re
 import runpy
@@ -131,10 +131,11 @@ def dummy_batch(scope, size=128):
 
 
 def train_one_step(cfg):
-    """Build the config's model (pretrained loading off) and optimizer, run one training
-    step on tiny inputs; every trainable backbone weight must change (an unused one would
-    stop DDP)."""
+    """Build the config's model (pretrained loading off), optimizer and lr schedulers, run one
+    training step on tiny inputs; the backbone's weights must change, and the loss must reach
+    every trainable one (an unused one stops DDP)."""
     from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import PARAM_SCHEDULERS
     scope = cfg.default_scope
     cfg.model.backbone.init_cfg = None
     cfg.model.pop('pretrained', None)
@@ -144,13 +145,18 @@ def train_one_step(cfg):
     with DefaultScope.overwrite_default_scope(scope):
         model = MODELS.build(cfg.model).train()
         optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-        before = {name: p.detach().clone()
-                  for name, p in model.backbone.named_parameters() if p.requires_grad}
+        trainable = {name: p for name, p in model.backbone.named_parameters() if p.requires_grad}
+        before = [p.detach().clone() for p in trainable.values()]
+        reached = set()  # what backward reaches, as DDP's unused-parameter check sees it
+        for name, p in trainable.items():
+            p.register_hook(lambda grad, name=name: reached.add(name))
         log_vars = model.train_step(dummy_batch(scope), optim_wrapper)
+        for scheduler in cfg.get('param_scheduler') or []:
+            PARAM_SCHEDULERS.build(dict(scheduler, optimizer=optim_wrapper))
     assert torch.isfinite(log_vars['loss'])
-    params = dict(model.backbone.named_parameters())
-    unchanged = [name for name, p in before.items() if torch.equal(p, params[name])]
-    assert before and not unchanged, f'backbone parameters without a gradient: {unchanged}'
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainable.values()))
+    unused = sorted(set(trainable) - reached)
+    assert not unused, f'backbone parameters the loss does not reach: {unused}'
     assert type(model.backbone).__module__.startswith('mmmetaformer.')
 
 
