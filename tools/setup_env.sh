@@ -109,7 +109,7 @@ if ! ls "$wheel_dir"/mmcv-*.whl >/dev/null 2>&1; then
   shown=''
   while kill -0 "$build_pid" 2>/dev/null; do
     sleep 15
-    progress="$(grep -oE '^\[[0-9]+/[0-9]+\]' "$work/build.log" | tail -1 | tr -d '[]' || true)"
+    progress="$(grep -oE '^ *\[[0-9]+/[0-9]+\]' "$work/build.log" | tail -1 | tr -d ' []' || true)"
     if [[ -n "$progress" && "$progress" != "$shown" ]]; then
       log "mmcv ops: $progress files compiled"
       shown="$progress"
