@@ -1,13 +1,28 @@
-# Both README commands go through `env`, which creates/refreshes .venv (idempotent).
-PY := .venv/bin/python
+# Both README commands go through `env`, which creates/refreshes the virtualenv (idempotent).
+# VENV=DIR puts it elsewhere; STACK=onedl installs the OneDL forks (tools/stacks/*.txt).
+VENV ?= $(CURDIR)/.venv
+STACK ?= upstream
+PY := $(VENV)/bin/python
+# the maintained forks get their own environment: one environment holds one stack
+ONEDL_VENV ?= $(CURDIR)/.venv-onedl
+ONEDL_TESTS := tests/test_backbone.py tests/test_checkpoints.py tests/test_trust.py \
+	tests/test_config_scope.py tests/test_tools_e2e.py::test_train_test_infer_detection
 
-.PHONY: env test demo
+.PHONY: env test demo env-onedl test-onedl
 
 env:
-	bash tools/setup_env.sh
+	VENV=$(VENV) bash tools/setup_env.sh --stack $(STACK)
 
 test: env
 	$(PY) -m pytest
 
 demo: env
 	$(PY) tools/demo.py
+
+env-onedl:
+	VENV=$(ONEDL_VENV) bash tools/setup_env.sh --stack onedl
+
+# the backbone, checkpoint, trust and config-scope tests and one train+test+infer of the
+# detection demo config, on the OneDL fork stack
+test-onedl: env-onedl
+	$(ONEDL_VENV)/bin/python -m pytest $(ONEDL_TESTS)

@@ -167,9 +167,9 @@ def retinanet():
 
 @pytest.fixture
 def logs(monkeypatch):
-    import mmmetaformer.dense_checkpoints as dense
+    import mmmetaformer.checkpoints as ckpt
     messages = []
-    monkeypatch.setattr(dense, 'print_log', lambda msg, **kw: messages.append(msg))
+    monkeypatch.setattr(ckpt, 'print_log', lambda msg, **kw: messages.append(msg))
     return messages
 
 

@@ -36,7 +36,7 @@ silence_known_warnings()
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
-import mmmetaformer  # noqa: F401,E402  (registers the backbones, applies mmmetaformer.compat)
+import mmmetaformer  # noqa: F401,E402  (registers the backbones, applies mmmetaformer.patches)
 from mmmetaformer.checkpoints import CheckpointError  # noqa: E402
 from mmmetaformer.dataset_checks import check_dataset  # noqa: E402
 from mmmetaformer.deploy import ExportError  # noqa: E402

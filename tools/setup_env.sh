@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Install the pinned OpenMMLab stack, mmcv's compiled ops and mmmetaformer (editable) into a
-# Python environment:
+# Install an OpenMMLab stack, mmcv's compiled ops and mmmetaformer (editable) into a Python
+# environment:
 #   bash tools/setup_env.sh                 # the project virtualenv .venv, created if missing
 #                                           # (`make env`; `make demo` and `make test` run it)
 #   bash tools/setup_env.sh --here          # the active environment: the `python` on PATH
 #                                           # (an activated virtualenv or conda environment)
 #   VENV=DIR bash tools/setup_env.sh        # the virtualenv DIR, created if missing
+#   ... --stack onedl                       # the OneDL forks instead of upstream OpenMMLab
+# The stacks are pinned in tools/stacks/NAME.txt, which every pip step takes as constraints.
 # Idempotent: a stamp in the environment records the inputs of the last successful run, and a
 # second run with the same inputs changes nothing.
 #
-# mmcv 2.1.0 (the newest release mmdet 3.3 / mmseg 1.2 accept) has no wheel for this torch,
-# so it is built once from its PyPI sdist, with torch installed first, and the wheel is cached
-# under $MMMETAFORMER_CACHE (default ~/.cache/mmmetaformer), keyed by mmcv, torch, Python and
-# device (cpu, or cuXY when FORCE_CUDA=1 or a GPU is visible). Its setup.py asks for -std=c++17;
-# torch 2.14 headers need C++20, so the sdist is patched to -std=c++20.
+# Neither mmcv 2.1.0 (the newest release mmdet 3.3 / mmseg 1.2 accept) nor onedl-mmcv has a
+# wheel for this torch, so mmcv is built once from its PyPI sdist, with torch installed first,
+# and the wheel is cached under $MMMETAFORMER_CACHE (default ~/.cache/mmmetaformer), keyed by
+# mmcv, torch, Python and device (cpu, or cuXY when FORCE_CUDA=1 or a GPU is visible). Their
+# setup.py asks for -std=c++17 (c++14 on old torch); torch 2.14 headers need C++20, so the sdist
+# is patched to -std=c++20. The rest of the stack installs while mmcv builds.
 # On a CUDA machine, FORCE_CUDA=1 builds the CUDA ops even without a visible GPU (e.g. in docker
 # build); set TORCH_CUDA_ARCH_LIST to the target GPUs to shorten the build.
 set -euo pipefail
@@ -23,20 +26,32 @@ CACHE="${MMMETAFORMER_CACHE:-$HOME/.cache/mmmetaformer}"
 START=$SECONDS
 log() { printf '[setup_env %3dm%02ds] %s\n' $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"; }
 
-case "${1:-}" in
-  --here) HERE=1 ;;
-  '') HERE=0 ;;
-  *) echo "usage: bash tools/setup_env.sh [--here]   (or VENV=DIR bash tools/setup_env.sh)" >&2
-     exit 2 ;;
-esac
+usage() {
+  echo "usage: bash tools/setup_env.sh [--here] [--stack upstream|onedl]" \
+       "  (or VENV=DIR bash tools/setup_env.sh ...)" >&2
+  exit 2
+}
+HERE=0
+STACK=upstream
+while (( $# )); do
+  case "$1" in
+    --here) HERE=1 ;;
+    --stack) STACK="${2:-}"; shift ;;
+    *) usage ;;
+  esac
+  shift
+done
+PINS="$ROOT/tools/stacks/$STACK.txt"
+[[ -n "$STACK" && -f "$PINS" ]] || usage
+MMCV_PIN="$(grep -E '^(onedl-)?mmcv==' "$PINS")"  # e.g. mmcv==2.1.0, built from its sdist
+MMCV_NAME="${MMCV_PIN%%==*}"
 
-TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
-BUILD_PINS=("setuptools<81" wheel ninja)
-MMCV_VERSION=2.1.0
-STACK_PINS=(
-  mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0
-  timm==1.0.22 pycocotools ftfy regex pytest onnx onnxruntime onnxscript
-)
+# pip, quiet; this machine's pip.conf can name index folders that do not exist, and pip's
+# warning about each (one line per package) is dropped.
+pip_() {
+  "$PY" -m pip --disable-pip-version-check -q "$@" 2>&1 |
+    { grep -vE "^WARNING: Location '[^']*' is ignored" || true; }
+}
 
 active="${VIRTUAL_ENV:-${CONDA_PREFIX:-}}"
 if (( HERE )); then
@@ -56,25 +71,32 @@ else
 fi
 
 stamp_inputs() {
-  cat "${BASH_SOURCE[0]}" "$ROOT/setup.cfg" "$ROOT/setup.py"
+  cat "${BASH_SOURCE[0]}" "$PINS" "$ROOT/setup.cfg" "$ROOT/setup.py"
   echo "FORCE_CUDA=${FORCE_CUDA:-0}"
 }
 STAMP="$TARGET/.mmmetaformer-env-stamp"
+STACK_MARK="$TARGET/.mmmetaformer-stack"
 want="$(stamp_inputs | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
-  log "$TARGET is up to date"
+  log "$TARGET is up to date ($STACK stack)"
   exit 0
+fi
+# both stacks install the modules mmcv, mmengine, mmdet, ...: one environment holds one stack
+if [[ -f "$STACK_MARK" && "$(cat "$STACK_MARK")" != "$STACK" ]]; then
+  log "error: $TARGET holds the $(cat "$STACK_MARK") stack; install the $STACK stack into" \
+      "another environment (VENV=DIR bash tools/setup_env.sh --stack $STACK)"
+  exit 1
 fi
 
 if [[ ! -x "$PY" ]]; then
   log "creating $VENV"
   "${PYTHON:-python3.11}" -m venv "$VENV"
 fi
-log "installing into $TARGET ($("$PY" --version))"
-PIP=("$PY" -m pip --disable-pip-version-check -q)
+echo "$STACK" > "$STACK_MARK"
+log "installing the $STACK stack ($PINS) into $TARGET ($("$PY" --version))"
 
 log "installing torch and build tools"
-"${PIP[@]}" install "${TORCH_PINS[@]}" "${BUILD_PINS[@]}"
+pip_ install -c "$PINS" torch torchvision "setuptools<81" wheel ninja
 
 device_tag="$("$PY" - <<'PY'
 import os, torch
@@ -84,57 +106,76 @@ PY
 )"
 torch_version="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 py_tag="$("$PY" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')"
-wheel_dir="$CACHE/wheels/mmcv-$MMCV_VERSION-torch$torch_version-$py_tag-$device_tag"
+wheel_dir="$CACHE/wheels/${MMCV_PIN/==/-}-torch$torch_version-$py_tag-$device_tag"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
 
-# The stack (everything but mmcv) installs while mmcv builds: neither needs the other.
-stack_log="$(mktemp)"
-log "installing the OpenMMLab stack (log: $stack_log)"
-"${PIP[@]}" install "${STACK_PINS[@]}" "${TORCH_PINS[@]}" > "$stack_log" 2>&1 &
+# One resolution for everything but mmcv (which needs nothing of it): it runs while mmcv builds.
+log "installing the rest of the stack and mmmetaformer (editable; log: $work/stack.log)"
+grep -vE '^(onedl-)?mmcv==' "$PINS" > "$work/stack.txt"
+pip_ install -c "$PINS" -r "$work/stack.txt" -e "$ROOT[det,seg,export,tests]" \
+  > "$work/stack.log" 2>&1 &
 stack_pid=$!
 
-if ! ls "$wheel_dir"/mmcv-*.whl >/dev/null 2>&1; then
-  log "building mmcv $MMCV_VERSION ops for torch $torch_version ($device_tag); about 8 minutes on 2 cores"
-  work="$(mktemp -d)"
-  trap 'rm -rf "$work"' EXIT
-  "${PIP[@]}" download "mmcv==$MMCV_VERSION" --no-deps --no-binary :all: --no-build-isolation -d "$work"
-  tar -xzf "$work/mmcv-$MMCV_VERSION.tar.gz" -C "$work"
-  sed -i 's/-std=c++17/-std=c++20/g' "$work/mmcv-$MMCV_VERSION/setup.py"
+if ! ls "$wheel_dir"/*.whl >/dev/null 2>&1; then
+  log "building $MMCV_PIN ops for torch $torch_version ($device_tag): the longest step"
+  pip_ download "$MMCV_PIN" --no-deps --no-binary :all: --no-build-isolation -d "$work/sdist"
+  tar -xzf "$work"/sdist/*.tar.gz -C "$work/sdist"
+  src="$(find "$work/sdist" -mindepth 1 -maxdepth 1 -type d)"
+  sed -i -E 's/-std=c\+\+1[47]/-std=c++20/g' "$src/setup.py"
   if [[ "$device_tag" != cpu ]]; then export FORCE_CUDA=1; fi
-  # No debug information (-g0): a 7 MB library instead of 32 MB, and a shorter compile and link.
-  # ninja's "[done/total]" lines become a progress line (every 15 s, when it moved).
-  CFLAGS="${CFLAGS:-} -g0" CXXFLAGS="${CXXFLAGS:-} -g0" MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  # CXXFLAGS replaces Python's compile flags (-g -O3): -O2 without debug information (-g0)
+  # gives a 7 MB library instead of 32 MB, and a shorter compile and link.
+  export CFLAGS="${CFLAGS:-} -O2 -g0" CXXFLAGS="${CXXFLAGS:-} -O2 -g0"
+  # Most sources begin with #include "pytorch_cpp_helper.hpp", i.e. with torch's headers,
+  # whose parsing is most of each file's compile time. For the CPU build GCC compiles them
+  # once into a precompiled header beside it, used where the flags match (the same as
+  # ninja's below); elsewhere the header is parsed as usual, and -Winvalid-pch says so.
+  helper="$src/mmcv/ops/csrc/common/pytorch_cpp_helper.hpp"
+  if [[ "$device_tag" == cpu && -f "$helper" ]] &&
+     "${CXX:-c++}" --version | grep -q 'Free Software Foundation'; then
+    read -ra torch_includes < <("$PY" -c 'from torch.utils.cpp_extension import include_paths
+print(" ".join("-I" + p for p in include_paths()))' 2>/dev/null)
+    # shellcheck disable=SC2086  # CXXFLAGS is a list of flags
+    "${CXX:-c++}" $CXXFLAGS -fPIC -std=c++20 -DTORCH_API_INCLUDE_EXTENSION_H \
+      -DTORCH_EXTENSION_NAME=_ext -I"$(dirname "$helper")" "${torch_includes[@]}" \
+      -x c++-header "$helper" -o "$helper.gch"
+    CXXFLAGS+=" -Winvalid-pch"
+  fi
+  # ninja's "[done/total]" lines (indented by pip -v) become a progress line every 15 s.
+  MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     "$PY" -m pip --disable-pip-version-check wheel -v --no-build-isolation --no-deps \
-      "$work/mmcv-$MMCV_VERSION" -w "$work/dist" > "$work/build.log" 2>&1 &
+      "$src" -w "$work/dist" > "$work/build.log" 2>&1 &
   build_pid=$!
   shown=''
   while kill -0 "$build_pid" 2>/dev/null; do
     sleep 15
-    progress="$(grep -oE '^\[[0-9]+/[0-9]+\]' "$work/build.log" | tail -1 | tr -d '[]' || true)"
+    progress="$(grep -oE '^ *\[[0-9]+/[0-9]+\]' "$work/build.log" | tail -1 | tr -d ' []' || true)"
     if [[ -n "$progress" && "$progress" != "$shown" ]]; then
-      log "mmcv ops: $progress files compiled"
+      log "$MMCV_NAME ops: $progress files compiled"
       shown="$progress"
     fi
   done
   if ! wait "$build_pid"; then
     tail -40 "$work/build.log" >&2
-    log "error: the mmcv build failed; the full log is $work/build.log"
+    log "error: the $MMCV_NAME build failed; the full log is $work/build.log"
     trap - EXIT
     exit 1
   fi
   mkdir -p "$wheel_dir"
-  mv "$work"/dist/mmcv-*.whl "$wheel_dir/"
+  mv "$work"/dist/*.whl "$wheel_dir/"
+  log "built $(basename "$wheel_dir"/*.whl), cached in $wheel_dir"
 fi
 
 if ! wait "$stack_pid"; then
-  cat "$stack_log" >&2
-  log "error: installing the OpenMMLab stack failed (above)"
+  cat "$work/stack.log" >&2
+  log "error: installing the stack failed (above)"
   exit 1
 fi
-log "installing mmcv from $wheel_dir and mmmetaformer"
-"${PIP[@]}" install "$wheel_dir"/mmcv-*.whl "${STACK_PINS[@]}" "${TORCH_PINS[@]}"
-"${PIP[@]}" install --no-build-isolation --no-deps -e "$ROOT"
+log "installing $MMCV_NAME from $wheel_dir"
+pip_ install -c "$PINS" "$wheel_dir"/*.whl
 # the import check, without torch's known `torch.jit.interface` FutureWarning
 "$PY" -W 'ignore:`torch.jit.interface` is deprecated:FutureWarning:torch.jit._script' \
   -c "from mmcv.ops import RoIAlign, nms, batched_nms; import mmmetaformer"
 echo "$want" > "$STAMP"
-log "ready: $TARGET"
+log "ready: $TARGET ($STACK stack)"

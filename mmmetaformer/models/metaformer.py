@@ -17,6 +17,7 @@ from mmengine.model import BaseModule
 from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoints import load_pretrained
 from ..registry import MODELS
 from ..archs import ARCH_KEYS, ARCHS, FAMILIES
 from .layers import GroupNorm1, Mlp, Scale, StarReLU
@@ -252,7 +253,6 @@ class MetaFormer(BaseModule):
 
     def init_weights(self):
         if self._loads_checkpoint(self.init_cfg):
-            from ..checkpoints import load_pretrained
             load_pretrained(self, self.init_cfg['checkpoint'], self.init_cfg.get('prefix'),
                             use_ema=self.init_cfg.get('use_ema', False))
             self._is_init = True

@@ -1,0 +1,34 @@
+"""``import mmmetaformer`` checks the OpenMMLab modules it needs by import name and version
+(the forks install them under other distribution names) and says what is wrong."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_with_mmcv(tmp_path, mmcv_init):
+    """``import mmmetaformer`` in a fresh interpreter that finds ``mmcv`` as given."""
+    (tmp_path / 'mmcv').mkdir()
+    (tmp_path / 'mmcv' / '__init__.py').write_text(mmcv_init)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    return subprocess.run([sys.executable, '-c', 'import mmmetaformer'], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('mmcv_init, found', [
+    ("__version__ = '1.7.2'\n", 'this environment has mmcv 1.7.2 at '),
+    ("raise ImportError('libc10.so: cannot open shared object file')\n",
+     'importing it failed: libc10.so: cannot open shared object file'),
+])
+def test_unusable_mmcv_is_named(tmp_path, mmcv_init, found):
+    proc = import_with_mmcv(tmp_path, mmcv_init)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('ImportError: mmmetaformer needs the module mmcv >=2.0.0,<3.0.0 '
+                           '(from mmcv or onedl-mmcv)')
+    assert found in last and 'tools/setup_env.sh' in last
+
