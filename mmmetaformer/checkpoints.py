@@ -1,26 +1,23 @@
-"""Read every published MetaFormer checkpoint layout safely, convert it and load it.
+"""The one load path: read a checkpoint, validate its tensors, convert its layout, check the fit.
 
-The layout of a file is detected from its keys (see :data:`FORMATS`) and converted in memory
-to the *canonical* layout of this project's models:
+    read_checkpoint   a path, an http(s) URL, ``timm://<name>`` or an mmengine file-backend URI
+                      -> the stored object, read by :mod:`mmmetaformer.trust` (safetensors by
+                      safetensors): nothing in a file runs
+    load_checkpoint_file  -> the flat state dict (containers, ``module.`` prefixes, EMA copies)
+    convert_to_canonical  -> this project's layout (:data:`FORMATS`): ``backbone.<name>`` in
+                      :class:`~mmmetaformer.models.MetaFormer` names, ``head.norm/fc.*``; a
+                      detector's or segmentor's neck and heads keep their names
+    check_fit         -> every tensor the model has, with its shape, before any value is read
+    validate_tensors  -> dense float tensors without NaN/Inf, read in bounded memory
 
-- ``backbone.<name>``: :class:`~mmmetaformer.models.MetaFormer` names (timm's names, with
-  Linear weights as 2-D tensors), output norms ``backbone.norm{i}`` only in files that were
-  trained for dense prediction;
-- ``head.norm.*`` (the official final ``norm``) and ``head.fc.*`` (the official ``head``;
-  ``head.fc.fc1/norm/fc2`` for the MLP head): timm's names, used by the project's classifier.
-
-Nothing in a file is ever run: safetensors files are read with safetensors, everything else
-with ``torch.load(weights_only=True)`` allowing only the inert data types that an mmengine
-``Runner`` checkpoint holds (see :mod:`mmmetaformer.trust`); tensors are validated before any
-is copied (:func:`validate_tensors`).
+:func:`load_pretrained` (a backbone's ``init_cfg``) and :func:`fit_checkpoint_to_model`
+(mmengine's ``load_from``, ``tools/test.py``, ``init_detector``) run these steps in this order;
+nothing is copied into a model before all of them passed.
 """
-import glob
 import hashlib
 import os
 import re
-import shlex
 import socket
-import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlparse
@@ -30,6 +27,7 @@ from mmengine.logging import print_log
 
 from . import trust
 from .archs import ARCHS
+from .trust import CheckpointError
 
 #: Supported layouts: name -> (a key only that layout has, description).
 FORMATS = {
@@ -42,15 +40,14 @@ FORMATS = {
     'mmmetaformer': ('backbone.stem.conv.weight', 'mmmetaformer layout, backbone./head. keys'),
     'timm': ('stem.conv.weight', 'timm layout, or a bare MetaFormer backbone state dict'),
 }
+#: Top-level modules of a detector / segmentor besides its backbone.
+HEADS = ('neck.', 'rpn_head.', 'roi_head.', 'bbox_head.', 'decode_head.', 'auxiliary_head.')
 
+_SCHEMES = ('http://', 'https://', 'timm://')
 _WEIGHTS_KEYS = ('state_dict', 'model', 'module')  # where trainers keep the weights
 _EMA_KEYS = ('state_dict_ema', 'model_ema')  # separate EMA copies (timm / DeiT trainers)
 _OUT_NORM = re.compile(r'^norm\d+\.')
 _LINEAR = re.compile(r'\.(mlp\.fc[12]|token_mixer\.(pwconv[12]|qkv|proj))\.weight$')
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, is unsafe, or does not fit the model."""
 
 
 @dataclass
@@ -71,19 +68,28 @@ class CheckpointInfo:
         return f'{self.source} ({FORMATS[self.format][1]})' if self.format else self.source
 
 
+def first(items, limit: int = 5, name=str) -> str:
+    """``'a, b, c and 4 more'``: how every message lists keys."""
+    more = f' and {len(items) - limit} more' if len(items) > limit else ''
+    return ', '.join(name(k) for k in list(items)[:limit]) + more
+
+
+def summarize(info: CheckpointInfo) -> str:
+    """The notes and deliberately ignored keys, for the log."""
+    return '; '.join([*info.notes, *(f'ignored {reason}: {first(keys, 3)}'
+                                     for reason, keys in info.ignored.items() if keys)])
+
+
 # --- reading -----------------------------------------------------------------------------
 
-_SCHEMES = ('http://', 'https://', 'timm://')
-
-
-def read_checkpoint(source: str):
+def read_checkpoint(source, map_location='cpu'):
     """The object stored at ``source`` (a path, an http(s) URL, ``timm://<hub name>`` or an
     mmengine file-backend URI), read without running any code from it."""
     source = str(source)
     if source.startswith('timm://'):
-        return _read_file(_download_timm(source[len('timm://'):]), source)
+        return _read_file(_download_timm(source[len('timm://'):]), source, map_location)
     if source.startswith(('http://', 'https://')):
-        return _read_file(_download_url(source), source)
+        return _read_file(_download_url(source), source, map_location)
     if '://' in source:
         from mmengine.fileio.backends import backends, prefix_to_backends
         scheme = source.split('://', 1)[0]
@@ -95,13 +101,13 @@ def read_checkpoint(source: str):
                 f"backends: {', '.join(backends)})")
         from mmengine.fileio import get_local_path
         with get_local_path(source) as path:
-            return _read_file(path, source)
+            return _read_file(path, source, map_location)
     if not os.path.isfile(source):
         raise CheckpointError(f'checkpoint file not found: {source}')
-    return _read_file(source, source)
+    return _read_file(source, source, map_location)
 
 
-def _read_file(path: str, source: str):
+def _read_file(path: str, source: str, map_location):
     with open(path, 'rb') as f:
         head = f.read(9)
     if len(head) == 9 and head[8:] == b'{':  # safetensors: u64 header size, then JSON
@@ -109,35 +115,8 @@ def _read_file(path: str, source: str):
         try:
             return load_file(path)
         except Exception as err:
-            raise CheckpointError(_unreadable(source, err)) from err
-    if not head.startswith((b'PK\x03\x04', b'\x80')):  # torch: a zip file or a pickle
-        raise CheckpointError(
-            f'cannot read {source}: it is not a checkpoint (neither a PyTorch file nor '
-            f'safetensors; it starts with {head[:8]!r})' if head else
-            f'cannot read {source}: the file is empty')
-    try:
-        return trust.load(path)
-    except trust.RefusedCheckpoint as err:
-        code = (f"import torch; ck = torch.load({path!r}, map_location='cpu', "
-                "weights_only=False); torch.save(ck.get('state_dict', ck.get('model', ck)), "
-                "'converted.pth')")
-        raise CheckpointError(
-            f'refused to load {source}: it is a pickle that needs more than tensors and plain '
-            f'data ({err.reason}), and unpickling it could run arbitrary Python code or crash. '
-            'A checkpoint only needs tensors, so nothing from it was built or executed. If you '
-            'trust the file and where it came from, re-save just its tensors once and use the '
-            'result instead:\n'
-            f'  python -c {shlex.quote(code)}\n'
-            '(or write them with safetensors.torch.save_file).') from None
-    except Exception as err:
-        raise CheckpointError(_unreadable(source, err)) from err
-
-
-def _unreadable(source, err) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ''
-    return (f'cannot read {source}: it is not a complete PyTorch or safetensors checkpoint '
-            f'({type(err).__name__}: {first}). The file may be truncated (an interrupted '
-            'download?): download it again.')
+            raise CheckpointError(trust.unreadable(source, err)) from err
+    return trust.load(path, source, map_location)
 
 
 def url_cache_name(url: str) -> str:
@@ -161,60 +140,6 @@ def _download_url(url: str) -> str:
                 f'offline, download it elsewhere, copy it to {path} or pass its local '
                 'path instead.') from err
     return path
-
-
-def atomic_save(obj, path: str) -> None:
-    """``torch.save(obj, path)`` through a temporary file in the same folder, renamed when
-    complete: a reader, or a run killed meanwhile, sees the old file or the whole new one."""
-    path = os.fspath(path)
-    folder, name = os.path.split(path)
-    os.makedirs(folder or '.', exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(folder or '.'), f'.{glob.escape(name)}.*.tmp')):
-        os.remove(stale)  # left by a save that was killed
-    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'xb') as f:  # never through a file or link already there
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def damage(path: str) -> Optional[str]:
-    """What is wrong with the checkpoint file ``path`` ('does not exist', 'is empty', ...), or
-    None: a PyTorch zip file whose members all pass their CRC check (or a legacy pickle)."""
-    if not os.path.isfile(path):
-        return 'does not exist'
-    with open(path, 'rb') as f:
-        head = f.read(4)
-    if not head:
-        return 'is empty'
-    if not head.startswith((b'PK\x03\x04', b'\x80')):
-        return f'is not a checkpoint (it starts with {head!r})'
-    if head.startswith(b'\x80'):
-        return None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        return f'is incomplete or damaged (an interrupted save?): {err}'
-    return f'is damaged (CRC error in {bad})' if bad else None
-
-
-def intact_checkpoints(folder: str, newest_only: bool = False) -> List[str]:
-    """The ``*.pth`` files in ``folder`` without :func:`damage`, newest first."""
-    files = sorted(glob.glob(os.path.join(glob.escape(folder), '*.pth')), key=os.path.getmtime,
-                   reverse=True)
-    intact = []
-    for path in files:
-        if damage(path) is None:
-            intact.append(path)
-            if newest_only:
-                break
-    return intact
 
 
 def _download_timm(name: str) -> str:
@@ -311,8 +236,8 @@ def load_checkpoint_file(checkpoint, use_ema: bool = False) -> Tuple[dict, Check
         info.ignore('EMA copy', ema)
     for k in ema:
         del state[k]
-    other = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    info.ignore('non-tensor entries', other)
+    info.ignore('non-tensor entries', [k for k, v in state.items()
+                                       if not isinstance(v, torch.Tensor)])
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise CheckpointError(f'{info.source} holds no tensors (top-level keys: {list(obj)[:8]})')
@@ -320,6 +245,12 @@ def load_checkpoint_file(checkpoint, use_ema: bool = False) -> Tuple[dict, Check
 
 
 # --- converting ----------------------------------------------------------------------------
+
+def is_whole_model(state: Mapping) -> bool:
+    """Whether ``state`` is a detector's or segmentor's: a backbone plus a neck or heads."""
+    return any(k.startswith('backbone.') for k in state) and \
+        any(k.startswith(HEADS) for k in state)
+
 
 def detect_format(state_dict: Mapping) -> str:
     """The name of the layout of ``state_dict`` in :data:`FORMATS`."""
@@ -370,15 +301,19 @@ def _rules(fmt: str, state_dict: Mapping):
     return [(r'^head\.', 'head.'), (r'^', 'backbone.')]  # timm
 
 
-def convert_to_canonical(state_dict: Mapping, info: Optional[CheckpointInfo] = None
-                         ) -> Tuple[dict, CheckpointInfo]:
+def convert_to_canonical(state_dict: Mapping, info: Optional[CheckpointInfo] = None,
+                         whole_model: bool = False) -> Tuple[dict, CheckpointInfo]:
     """``state_dict`` in the canonical ``backbone.*``/``head.*`` layout, and what was found.
 
     Keys outside the model (a detector's neck and heads, ...) are recorded in
     ``info.ignored``; unknown keys of the unprefixed layouts become ``backbone.*`` keys, so
-    that loading reports them as unexpected.
+    that loading reports them as unexpected. With ``whole_model`` (a detector or segmentor)
+    only the ``backbone.*`` keys are converted, the others kept under their own names.
     """
     info = info or CheckpointInfo('<state dict>')
+    heads = {k: v for k, v in state_dict.items()
+             if whole_model and not k.startswith('backbone.')}
+    state_dict = {k: v for k, v in state_dict.items() if k not in heads}
     info.format = detect_format(state_dict)
     rules = _rules(info.format, state_dict)
     canonical, other = {}, []
@@ -397,6 +332,12 @@ def convert_to_canonical(state_dict: Mapping, info: Optional[CheckpointInfo] = N
     info.ignore('other model parts', other)
     info.arch_guesses = guess_arch(
         {k[len('backbone.'):]: v for k, v in canonical.items() if k.startswith('backbone.')})
+    if whole_model:
+        foreign = [info.source_keys[k] for k in canonical if not k.startswith('backbone.')]
+        if foreign:  # a classifier's final norm: a dense-prediction backbone has none
+            raise CheckpointError(f'{info.source}: {first(foreign)} of a classifier in a '
+                                  'detector or segmentor checkpoint')
+        canonical.update(heads)
     return canonical, info
 
 
@@ -463,56 +404,81 @@ def _layout(d: Mapping) -> str:
     return f"stage depths {list(d['depths'])}, dims {list(d['dims'])}, mixers {d['mixers']}"
 
 
-def check_fit(backbone_state: Mapping, expected: Mapping[str, torch.Size], info: CheckpointInfo,
-              target: str, target_settings: Mapping) -> dict:
-    """The tensors of ``backbone_state`` to load into a backbone whose tensors are
-    ``expected``; every backbone tensor but the output norms must be present with its shape.
-
-    Otherwise raises :class:`CheckpointError` saying what the checkpoint looks like
-    (``info.arch_guesses``) and which tensors do not fit.
-    """
-    missing = [k for k in expected if k not in backbone_state and not _OUT_NORM.match(k)]
-    unexpected = [k for k in backbone_state if k not in expected and not _OUT_NORM.match(k)]
-    wrong = [k for k in backbone_state
-             if k in expected and tuple(backbone_state[k].shape) != tuple(expected[k])]
-    if not (missing or unexpected or wrong):
-        ignored = [k for k in backbone_state if k not in expected]
-        info.ignore('output norms the backbone does not have', ignored)
-        fitting = {k: v for k, v in backbone_state.items() if k in expected}
-        validate_tensors(fitting, f'checkpoint {info.describe()}')
-        return fitting
-
-    found = describe_backbone(backbone_state)
-    guesses = info.arch_guesses
-    looks = f"looks like {'/'.join(guesses)}" if guesses else 'matches no published arch'
-    want = dict(target_settings, mixers=_mixer_kinds(target_settings['mixers']))
-    same_arch = target in guesses
-    if same_arch:
-        lines = [f"checkpoint {info.describe()} {looks}, the backbone's arch, but its tensors "
-                 'do not fit:']
-    else:
-        lines = [f'checkpoint {info.describe()} has {_layout(found)} ({looks}) but the '
-                 f'backbone is {target} ({_layout(want)}):']
-
-    def show(keys):
-        def name(k):  # with the checkpoint's own key where it differs
-            src = info.source_keys.get('backbone.' + k, k)
-            return k if src in (k, 'backbone.' + k) else f'{k} (checkpoint key {src!r})'
-        more = f' and {len(keys) - 5} more' if len(keys) > 5 else ''
-        return ', '.join(map(name, keys[:5])) + more
-
-    if missing:
-        lines.append(f'  missing {len(missing)} tensors: {show(missing)}')
-    if unexpected:
-        lines.append(f'  unexpected {len(unexpected)} tensors: {show(unexpected)}')
-    for k in wrong[:5]:
-        lines.append(f'  wrong shape: {k}: checkpoint {tuple(backbone_state[k].shape)}, '
-                     f'backbone {tuple(expected[k])}')
+def _differences(state, expected, owner, optional=lambda key: False, name=str, where=None):
+    """Message lines for what in ``state`` does not match ``expected`` (name -> shape)."""
+    missing = [k for k in expected if k not in state and not optional(k)]
+    unexpected = [k for k in state if k not in expected and not optional(k)]
+    wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k])]
+    lines = [f'  {label} {len(keys)} tensors' + (f' (in {", ".join(where(keys))})' if where
+                                                 else '') + f': {first(keys, name=name)}'
+             for label, keys in (('missing', missing), ('unexpected', unexpected)) if keys]
+    lines += [f'  wrong shape: {k}: checkpoint {tuple(state[k].shape)}, {owner} '
+              f'{tuple(expected[k])}' for k in wrong[:5]]
     if len(wrong) > 5:
         lines.append(f'  and {len(wrong) - 5} more tensors of the wrong shape')
-    lines.append('Nothing was loaded.' if same_arch else 'Nothing was loaded: use the backbone '
-                 'arch the checkpoint was trained with, or a checkpoint of this arch.')
-    raise CheckpointError('\n'.join(lines))
+    return lines, wrong
+
+
+def _modules(keys):
+    return sorted({'.'.join(k.split('.')[:2 if k.startswith('roi_head.') else 1])
+                   for k in keys})
+
+
+def check_fit(state: Mapping, model, info: CheckpointInfo, what: Optional[str] = None) -> dict:
+    """The tensors of ``state`` to load into ``model``, checked by name and shape only.
+
+    ``model`` is a MetaFormer backbone (``state`` in its names; every tensor but the output
+    norms must be there) or a detector / segmentor whose ``backbone`` is one (``state`` in
+    whole-model names, exactly the model's tensors). Otherwise raises
+    :class:`CheckpointError` saying what the checkpoint looks like and what does not fit.
+    """
+    whole = hasattr(model, 'backbone')
+    backbone = model.backbone if whole else model
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    prefix = 'backbone.' if whole else ''
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    def name(k):  # with the checkpoint's own key where it differs
+        src = info.source_keys.get('backbone.' + k, k)
+        return k if src in (k, 'backbone.' + k) else f'{k} (checkpoint key {src!r})'
+
+    lines, _ = _differences(weights, {k[len(prefix):]: v for k, v in expected.items()
+                                      if k.startswith(prefix)},
+                            'backbone', lambda k: _OUT_NORM.match(k), name)
+    if lines:
+        target = arch_name(backbone.arch_settings)
+        guesses = info.arch_guesses
+        looks = f"looks like {'/'.join(guesses)}" if guesses else 'matches no published arch'
+        if target in guesses:
+            head = (f"checkpoint {info.describe()} {looks}, the backbone's arch, but its "
+                    'tensors do not fit:')
+        else:
+            want = dict(backbone.arch_settings,
+                        mixers=_mixer_kinds(backbone.arch_settings['mixers']))
+            head = (f'checkpoint {info.describe()} has {_layout(describe_backbone(weights))} '
+                    f'({looks}) but the backbone is '
+                    f'{target or f"a custom {type(backbone).__name__} arch"} ({_layout(want)}):')
+        raise CheckpointError('\n'.join([head, *lines, 'Nothing was loaded.' if target in guesses
+                                         else 'Nothing was loaded: use the backbone arch the '
+                                         'checkpoint was trained with, or a checkpoint of this '
+                                         'arch.']))
+    if not whole:
+        info.ignore('output norms the backbone does not have',
+                    [k for k in weights if k not in expected])
+        return {k: v for k, v in weights.items() if k in expected}
+
+    lines, wrong = _differences(state, expected, 'model', where=_modules)
+    if lines:
+        if any(re.search(r'(fc_cls|conv_logits|retina_cls|conv_seg)\.weight$', k) for k in wrong):
+            lines.append('  (the classifier shapes differ: the file was trained for another '
+                         'number of classes)')
+        raise CheckpointError('\n'.join([
+            f'{what} does not fit the {model_kind(expected)} ({type(model).__name__}) of the '
+            f'config, which has {len(expected)} tensors:', *lines,
+            'Nothing was loaded: use the config of the model the file was trained with, or to '
+            "start from its backbone alone, name the file in the config's "
+            "model.backbone.init_cfg=dict(type='Pretrained', checkpoint=...)."]))
+    return dict(state)
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -528,13 +494,13 @@ def _kind(dtype: torch.dtype) -> str:
 def validate_tensors(state: Mapping[str, torch.Tensor], source: str,
                      like: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Refuse, before anything is copied, tensors that cannot be loaded as they are: not dense
-    (sparse, meta, ...), of another kind of dtype than ``like[key]`` (float16/bfloat16/float32/
-    float64 where ``like`` has no such key: every MetaFormer tensor is a float one), or float
-    tensors holding NaN or Inf. Raises :class:`CheckpointError` naming ``source`` and the
-    tensors."""
+    (sparse, meta, ...), of another kind of dtype than ``like[key]`` (where ``like`` has no such
+    key: float, but integer for BatchNorm's ``num_batches_tracked``), or float tensors holding
+    NaN or Inf. Raises :class:`CheckpointError` naming ``source`` and the tensors."""
     lines = []
     for key, t in state.items():
-        want = _kind(like[key].dtype) if like is not None and key in like else 'float'
+        want = _kind(like[key].dtype) if like is not None and key in like else \
+            'integer' if key.endswith('.num_batches_tracked') else 'float'
         if t.layout != torch.strided or t.device.type == 'meta':
             lines.append(f'  {key}: a {t.layout} tensor on {t.device.type}, not a dense one')
         elif _kind(t.dtype) != want:
@@ -544,25 +510,15 @@ def validate_tensors(state: Mapping[str, torch.Tensor], source: str,
                  if t.layout == torch.strided and t.device.type != 'meta' and t.dtype in _FLOATS
                  and not torch.isfinite(t).all()}
     if nonfinite:
-        shown = ', '.join(f'{k} ({n} of {state[k].numel()})' for k, n in
-                          list(nonfinite.items())[:5])
-        more = f' and {len(nonfinite) - 5} more tensors' if len(nonfinite) > 5 else ''
+        shown = first([f'{k} ({n} of {state[k].numel()})' for k, n in nonfinite.items()])
         lines.append(f'  {sum(nonfinite.values())} NaN/Inf values in {len(nonfinite)} '
-                     f'tensors: {shown}{more}')
+                     f'tensors: {shown}')
     if lines:
         raise CheckpointError('\n'.join([f'{source} holds tensors that cannot be loaded:',
                                          *lines[:8], 'Nothing was loaded.']))
 
 
-def summarize(info: CheckpointInfo) -> str:
-    """The notes and deliberately ignored keys, for the log."""
-    parts = list(info.notes)
-    for reason, keys in info.ignored.items():
-        if keys:
-            more = f', ... ({len(keys)} in all)' if len(keys) > 3 else ''
-            parts.append(f"ignored {reason}: {', '.join(keys[:3])}{more}")
-    return '; '.join(parts)
-
+# --- loading -----------------------------------------------------------------------------
 
 def load_pretrained(backbone, checkpoint, prefix: Optional[str] = None,
                     use_ema: bool = False) -> CheckpointInfo:
@@ -572,14 +528,13 @@ def load_pretrained(backbone, checkpoint, prefix: Optional[str] = None,
     unknown); the classifier head and EMA copies are ignored and logged.
     """
     state, info = read_canonical(checkpoint, prefix, use_ema)
-    weights = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
     info.ignore('classifier head', [k for k in state if k.startswith('head.')])
-    name = arch_name(backbone.arch_settings)
-    target = name or f'a custom {type(backbone).__name__} arch'
-    expected = {k: v.shape for k, v in backbone.state_dict().items()}
-    weights = check_fit(weights, expected, info, target, backbone.arch_settings)
+    weights = check_fit({k[len('backbone.'):]: v for k, v in state.items()
+                         if k.startswith('backbone.')}, backbone, info)
+    validate_tensors(weights, f'checkpoint {info.describe()}')
     backbone.load_state_dict(weights, strict=False)
-    new = sorted({k.split('.')[0] for k in expected if k not in weights})
+    new = sorted({k.split('.')[0] for k in backbone.state_dict() if k not in weights})
+    target = arch_name(backbone.arch_settings) or f'a custom {type(backbone).__name__} arch'
     msg = (f'Loaded {len(weights)} tensors from {info.describe()} into '
            f'{type(backbone).__name__} ({target})')
     if new:
@@ -587,3 +542,68 @@ def load_pretrained(backbone, checkpoint, prefix: Optional[str] = None,
     extra = summarize(info)
     print_log(msg + (f'; {extra}' if extra else ''), logger='current')
     return info
+
+
+def model_kind(state: Mapping) -> str:
+    """What kind of model the keys of ``state`` belong to, e.g. ``'Mask R-CNN'``."""
+    if any(k.startswith('roi_head.mask_head.') for k in state):
+        return 'Mask R-CNN'
+    if any(k.startswith('roi_head.') for k in state):
+        return 'two-stage detector'
+    if any(k.startswith('bbox_head.retina_') for k in state):
+        return 'RetinaNet'
+    if any(k.startswith('bbox_head.') for k in state):
+        return 'one-stage detector'
+    if any(k.startswith('decode_head.scale_heads.') for k in state):
+        return 'Semantic FPN'
+    return 'segmentor' if any(k.startswith('decode_head.') for k in state) else 'model'
+
+
+def source_toolbox(meta: Mapping) -> str:
+    """The toolbox version a checkpoint's ``meta`` names, e.g. ``'mmdet 2.19.0'``."""
+    return ', '.join(f"{key.split('_')[0]} {meta[key]}" for key in
+                     ('mmdet_version', 'mmseg_version', 'mmengine_version')
+                     if isinstance(meta.get(key), str))
+
+
+def describe_source(state: Mapping, info: CheckpointInfo) -> str:
+    """E.g. ``'x.pth (Mask R-CNN, mmdet 2.19.0)'``."""
+    toolbox = source_toolbox(info.meta)
+    return f"{info.source} ({model_kind(state)}{', ' + toolbox if toolbox else ''})"
+
+
+def fit_checkpoint_to_model(model, checkpoint: Mapping, source: str) -> Optional[dict]:
+    """``checkpoint`` (read from ``source``) made loadable into ``model``, a detector or
+    segmentor whose backbone is this project's; None when the file is none of ours.
+
+    Ours: a whole-model file whose backbone is in the PoolFormer v1 layout (the published
+    dense-prediction files: converted here; mmdet 2.19 -> 3.3 and mmseg 0.19 -> 1.2 renamed
+    none of their necks' and heads' parameters), or one written by the whole-model
+    conversion. The result holds exactly the model's tensors, validated, and the source's
+    ``meta``; anything else raises :class:`CheckpointError`.
+    """
+    raw = checkpoint.get('state_dict', checkpoint)
+    meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), Mapping) else {}
+    if not (isinstance(raw, Mapping) and is_whole_model(raw)
+            and any(hasattr(model, head.rstrip('.')) for head in HEADS)):
+        return None
+    convert = 'backbone.patch_embed.proj.weight' in raw  # the PoolFormer v1 layout
+    if not (convert or str(meta.get('converted_by', '')).startswith('mmmetaformer')):
+        return None
+    state, info = load_checkpoint_file(checkpoint)
+    info.source = source
+    what = describe_source(state, info)
+    if convert:
+        state, info = convert_to_canonical(state, info, whole_model=True)
+    state = check_fit(state, model, info, what)
+    validate_tensors(state, what, model.state_dict())
+    if convert:
+        norms = sorted({(src.split('.')[1], key.split('.')[1])
+                        for key, src in info.source_keys.items()
+                        if re.match(r'^backbone\.norm\d+\.', key)})
+        backbone = sum(k.startswith('backbone.') for k in state)
+        print_log(f'Converted {what} in memory for {type(model).__name__}: {backbone} '
+                  'backbone tensors to the mmmetaformer layout (output norms '
+                  + ', '.join(f'{a} -> {b}' for a, b in norms) + f'), {len(state) - backbone} '
+                  'neck/head tensors as they are; optimizer state ignored', logger='current')
+    return dict(meta=dict(meta), state_dict=state)

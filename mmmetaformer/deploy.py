@@ -1,13 +1,17 @@
-"""ONNX export of MetaFormer backbones, classifiers, segmentors and detector features.
+"""ONNX export of MetaFormer backbones, classifiers, segmentors and whole detectors.
 
 :func:`build_exportable` turns a backbone name (``caformer_s18``) or an mmpretrain / mmseg /
 mmdet config, with an optional checkpoint, into a module that maps one preprocessed image batch
 to a tuple of named tensors; :func:`export_onnx` writes it with the TorchScript-based exporter
-after :func:`export_forms` (on a copy) has swapped in the forms backends handle best;
-:func:`check_onnx` runs the file in onnxruntime against PyTorch.
+after :func:`export_forms` (on a copy) has swapped in the forms backends handle best, and
+replaces the file only once it is complete; :func:`check_onnx` runs the file in onnxruntime
+against PyTorch. Detectors: :mod:`mmmetaformer.deploy_detector`.
 """
 import copy
+import io
+import json
 import os
+import tempfile
 import statistics
 import time
 import warnings
@@ -33,6 +37,12 @@ DEFAULT_SHAPES = {'mmdet': (800, 1344), 'mmseg': (512, 512), 'mmpretrain': (224,
 #: PyTorch's own export (Reshape + InstanceNormalization).
 GROUPNORM_FORMS = ('layernorm', 'reducemean', 'instancenorm')
 MIN_OPSET = 14  # scaled_dot_product_attention
+#: Bounds of each side of the traced input: the coarsest map (stride 32) at least 1 x 1, and
+#: a side no larger than large detector inputs need.
+MIN_SIDE, MAX_SIDE = 32, 4096
+#: The test pipeline's geometric steps a runtime repeats, and their settings.
+RESIZE_STEPS = ('Resize', 'ResizeEdge', 'CenterCrop')
+RESIZE_KEYS = ('type', 'scale', 'keep_ratio', 'edge', 'crop_size')
 
 
 class ExportError(ValueError):
@@ -226,9 +236,11 @@ class Exportable(nn.Module):
     - ``segmentor``: an mmseg EncoderDecoder's logits (``mode='tensor'``), resized to the
       input size as its whole-image inference does;
     - ``dense_head``: a single-stage detector's raw head maps (``mode='tensor'``: class scores
-      of every level, then box deltas of every level), before anchor decoding and NMS.
+      of every level, then box deltas of every level), before anchor decoding and NMS;
+    - ``detector``: a whole detector, ``model`` being its
+      :class:`~mmmetaformer.deploy_detector.DetectorGraph` (boxes, labels and masks).
     """
-    PARTS = ('backbone', 'features', 'classifier', 'segmentor', 'dense_head')
+    PARTS = ('backbone', 'features', 'classifier', 'segmentor', 'dense_head', 'detector')
 
     def __init__(self, model: nn.Module, part: str):
         super().__init__()
@@ -241,6 +253,8 @@ class Exportable(nn.Module):
             return tuple(self.model.extract_feat(inputs))
         if self.part == 'classifier':
             return (self.model(inputs, mode='tensor'),)
+        if self.part == 'detector':
+            return self.model(inputs)
         if self.part == 'segmentor':
             logits = self.model(inputs, mode='tensor')
             return (F.interpolate(logits, size=inputs.shape[2:], mode='bilinear',
@@ -250,7 +264,10 @@ class Exportable(nn.Module):
 
     def output_names(self, num_outputs: int):
         """``feat{i}`` (backbone stage i, stride 4 * 2**i), ``fpn{i}`` (neck level i),
-        ``logits``, ``seg_logits``, or ``cls_score{i}`` then ``bbox_pred{i}`` (head level i)."""
+        ``logits``, ``seg_logits``, ``cls_score{i}`` then ``bbox_pred{i}`` (head level i), or
+        ``dets``, ``labels`` and ``masks`` (mmdeploy's names)."""
+        if self.part == 'detector':
+            return self.model.output_names()
         if self.part == 'classifier':
             return ['logits']
         if self.part == 'segmentor':
@@ -303,23 +320,51 @@ def _build_from_config(config: str):
     return cfg, model
 
 
-def _default_part(model: nn.Module, scope: Optional[str]) -> str:
+def _parts(model: nn.Module, scope: Optional[str]) -> tuple:
+    """The parts of ``model`` that export, the default first."""
     if scope == 'mmpretrain':
-        return 'classifier'
+        return ('classifier', 'backbone')
     if scope == 'mmseg':
-        return 'segmentor'
+        return ('segmentor', 'features', 'backbone')
     if scope == 'mmdet':
         from mmdet.models.detectors import SingleStageDetector
-        return 'dense_head' if isinstance(model, SingleStageDetector) else 'features'
+        dense = ('dense_head',) if isinstance(model, SingleStageDetector) else ()
+        return ('detector', *dense, 'features', 'backbone')
     raise ExportError(f'default_scope {scope!r}: expected an mmpretrain, mmseg or mmdet config')
+
+
+def _runtime_metadata(cfg, part: str) -> dict:
+    """What a runtime needs beside the graph: the input normalisation (mmpretrain configs keep
+    the data preprocessor at the top level, mmdet and mmseg in the model), the test resize,
+    class names and colours, and the detector's mask threshold."""
+    from mmengine.registry import DATASETS
+    preprocessor = cfg.model.get('data_preprocessor') or cfg.get('data_preprocessor') or {}
+    meta = {k: preprocessor[k] for k in ('mean', 'std', 'bgr_to_rgb', 'to_rgb',
+                                          'pad_size_divisor') if k in preprocessor}
+    pipeline = (cfg.get('test_dataloader') or {}).get('dataset', {}).get('pipeline', [])
+    meta['resize'] = [{k: v for k, v in step.items() if k in RESIZE_KEYS}
+                      for step in pipeline if step['type'].split('.')[-1] in RESIZE_STEPS]
+    dataset = (cfg.get('test_dataloader') or {}).get('dataset', {})
+    with DATASETS.switch_scope_and_registry(cfg.get('default_scope')) as registry:
+        dataset_class = registry.get(dataset.get('type', ''))
+    metainfo = dict(getattr(dataset_class, 'METAINFO', {}), **(dataset.get('metainfo') or {}))
+    classes = metainfo.get('classes')
+    if classes:  # the palette of a dataset's classes, cut to the config's classes
+        meta['classes'] = list(classes)
+        meta.update(palette=[list(c) for c in metainfo.get('palette', [])[:len(classes)]])
+    if part == 'detector':
+        rcnn = cfg.model.get('test_cfg', {}).get('rcnn', {})
+        if 'mask_thr_binary' in rcnn:
+            meta['mask_thr_binary'] = rcnn['mask_thr_binary']
+    return meta
 
 
 def build_exportable(config: str, checkpoint: Optional[str] = None,
                      part: Optional[str] = None):
     """``(Exportable, info)`` for a backbone name of :data:`ARCHS` (raw stage outputs, any
-    checkpoint format) or a config file (``part`` defaults to the whole model where it is
-    exportable, else ``features``); ``info`` holds the scope, the part, the input
-    normalisation and notes for the user."""
+    checkpoint format) or a config file (``part`` defaults to the whole model); ``info`` holds
+    the scope, the part, the model's config, the metadata a runtime needs
+    (:func:`_runtime_metadata`) and notes for the user."""
     notes = []
     if config in ARCHS:
         if part not in (None, 'backbone'):
@@ -327,24 +372,18 @@ def build_exportable(config: str, checkpoint: Optional[str] = None,
         model = MetaFormer(arch=config, out_norm=None)
         if checkpoint:
             load_pretrained(model, checkpoint)
-        info = dict(scope=None, part='backbone', notes=notes, normalization={})
+        info = dict(scope=None, part='backbone', cfg=None, notes=notes, metadata={})
         return Exportable(model.eval(), 'backbone'), info
 
     cfg, model = _build_from_config(config)
     scope = cfg.get('default_scope')
-    default = _default_part(model, scope)
-    part = part or default
+    allowed = _parts(model, scope)
+    part = part or allowed[0]
     if part not in Exportable.PARTS:
         raise ExportError(f'unknown part {part!r}; choose one of {Exportable.PARTS}')
-    allowed = {'classifier': ('classifier', 'backbone'),
-               'segmentor': ('segmentor', 'features', 'backbone'),
-               'dense_head': ('dense_head', 'features', 'backbone'),
-               'features': ('features', 'backbone')}[default]
     if part not in allowed:
-        hint = (' (two-stage detectors: the RPN proposals, RoIAlign and the RoI heads run '
-                'outside the graph; export --part features)') if default == 'features' else ''
         raise ExportError(f'{config}: --part {part} does not apply to {type(model).__name__}; '
-                          f'choose one of {allowed}{hint}')
+                          f'choose one of {allowed}')
     if checkpoint:
         if part == 'backbone':
             load_pretrained(model.backbone, checkpoint, prefix=None)
@@ -355,49 +394,81 @@ def build_exportable(config: str, checkpoint: Optional[str] = None,
     if part == 'segmentor' and cfg.model.get('test_cfg', {}).get('mode') == 'slide':
         notes.append("the config tests with sliding windows (test_cfg.mode='slide'); the "
                      'exported graph is whole-image inference')
-    if default == 'features' and part == 'features':
-        notes.append('two-stage detector: RPN, RoIAlign, RoI heads and NMS are left to the '
-                     'runtime (see README, Deploy)')
-    preprocessor = cfg.model.get('data_preprocessor') or {}
-    normalization = {k: preprocessor[k] for k in ('mean', 'std', 'bgr_to_rgb', 'to_rgb',
-                                                  'pad_size_divisor') if k in preprocessor}
-    module = model.backbone if part == 'backbone' else model
-    info = dict(scope=scope, part=part, notes=notes, normalization=normalization)
+    model.cfg = cfg  # as mmdet's init_detector sets it
+    if part == 'detector':
+        from .deploy_detector import DetectorGraph
+        module = DetectorGraph(model.eval())
+    else:
+        module = model.backbone if part == 'backbone' else model
+    info = dict(scope=scope, part=part, cfg=cfg, notes=notes,
+                metadata=_runtime_metadata(cfg, part))
     return Exportable(module.eval(), part), info
 
 
 # --- export and check ----------------------------------------------------------------------
 
+def _dynamic_axes(names: list, part: str) -> dict:
+    """Free batch size, height and width (a detector: batch 1, and N detections)."""
+    if part == 'detector':
+        axes = {'input': {2: 'height', 3: 'width'}, 'dets': {1: 'num_dets'},
+                'labels': {1: 'num_dets'}, 'masks': {1: 'num_dets', 2: 'height', 3: 'width'}}
+        return {name: axes[name] for name in ['input', *names]}
+    axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
+    axes.update({n: {0: 'batch'} if n == 'logits' else
+                 {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'} for n in names})
+    return axes
+
+
+def _write_atomically(data: bytes, path: str):
+    """Write ``data`` to a temporary file beside ``path``, then rename it to ``path``: a failed
+    write leaves no partial file and whatever ``path`` held."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp',
+                               dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as err:
+        os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise ExportError(f'cannot write {path}: {err.strerror or err}') from None
+        raise
+
+
 def export_onnx(exportable: Exportable, out: str, shape=(224, 224), dynamic: bool = False,
                 opset: int = 17, groupnorm: str = 'layernorm', fold: bool = True,
                 metadata: Optional[dict] = None) -> list:
     """Write ``exportable`` in export forms to ``out`` (input ``input``: N x 3 x H x W; with
-    ``dynamic`` N, H and W are free) and return the output names."""
+    ``dynamic`` N, H and W are free, a detector's N stays 1) with ``metadata`` (values other
+    than strings as JSON), and return the output names."""
     import onnx
+    from .deploy_detector import DETECTOR_MIN_OPSET
     if opset < MIN_OPSET:
         raise ExportError(f'opset {opset} < {MIN_OPSET}: scaled_dot_product_attention and '
                           'the other ops need opset >= 14 (17 or more recommended)')
+    if exportable.part == 'detector' and opset < DETECTOR_MIN_OPSET:
+        raise ExportError(f'opset {opset} < {DETECTOR_MIN_OPSET}: whole detectors need '
+                          "RoiAlign's half_pixel mode and GridSample")
     if opset < 17 and groupnorm == 'layernorm':
         groupnorm = 'reducemean'  # LayerNormalization is an opset-17 op
     model = export_forms(exportable, groupnorm, fold)
     x = torch.randn(1, 3, *shape)
     with torch.no_grad():
         names = exportable.output_names(len(model(x)))
-    axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
-    axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'} for n in names
-                 if n != 'logits'})
-    if 'logits' in names:
-        axes['logits'] = {0: 'batch'}
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        torch.onnx.export(model, (x,), out, dynamo=False, opset_version=opset,
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=opset,
                           input_names=['input'], output_names=names,
-                          dynamic_axes=axes if dynamic else None)
-    onnx_model = onnx.load(out)
+                          dynamic_axes=_dynamic_axes(names, exportable.part) if dynamic
+                          else None)
+    onnx_model = onnx.load_from_string(buffer.getvalue())
     props = dict(producer='mmmetaformer', part=exportable.part, groupnorm=groupnorm,
-                 starrelu_folded=str(fold), **{k: str(v) for k, v in (metadata or {}).items()})
-    onnx.helper.set_model_props(onnx_model, props)
-    onnx.save(onnx_model, out)
+                 starrelu_folded=str(fold), **(metadata or {}))
+    onnx.helper.set_model_props(onnx_model, {k: v if isinstance(v, str) else json.dumps(v)
+                                             for k, v in props.items()})
+    _write_atomically(onnx_model.SerializeToString(), out)
     return names
 
 

@@ -30,6 +30,7 @@ import contextlib
 import math
 import pickle
 import re
+import shlex
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -47,11 +48,24 @@ _REFUSALS = re.compile(r'not an allowed global|is blocked|unrecognized function|
                        r'(build|create|append)|Unsupported operand|must be imported')
 
 
-class RefusedCheckpoint(pickle.UnpicklingError):
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is unsafe, or does not fit the model."""
+
+
+class RefusedCheckpoint(CheckpointError, pickle.UnpicklingError):
     """The file needs more than inert data to unpickle; nothing from it was run."""
 
-    def __init__(self, source: str, reason: str, message: str = ''):
-        super().__init__(message or f'refused {source}: {reason}')
+    def __init__(self, source: str, reason: str, path: str = None):
+        code = (f"import torch; ck = torch.load({path or source!r}, map_location='cpu', "
+                "weights_only=False); torch.save(ck.get('state_dict', ck.get('model', ck)), "
+                "'converted.pth')")
+        super().__init__(
+            f'refused to load {source}: it is a pickle that needs more than tensors and plain '
+            f'data ({reason}), and unpickling it could run arbitrary Python code or crash. '
+            'A checkpoint only needs tensors, so nothing from it was built or executed. If you '
+            'trust the file and where it came from, re-save just its tensors once and use the '
+            f'result instead:\n  python -c {shlex.quote(code)}\n'
+            '(or write them with safetensors.torch.save_file).')
         self.source, self.reason = source, reason
 
 
@@ -227,7 +241,7 @@ def _materialize(obj):
         raise _Refused('refusing data nested too deeply') from None
 
 
-def inert(load, source: str):
+def inert(load, source: str, path: str = None):
     """The result of ``load()`` (a ``torch.load(..., weights_only=True)`` call) with the stand-ins
     bound, as inert data; raises :class:`RefusedCheckpoint` naming ``source`` if the file needs
     anything else. Other errors (a damaged file) pass unchanged."""
@@ -236,20 +250,41 @@ def inert(load, source: str):
             obj = load()
         return _materialize(obj)
     except _Refused as err:
-        raise RefusedCheckpoint(source, str(err)) from None
+        raise RefusedCheckpoint(source, str(err), path) from None
     except pickle.UnpicklingError as err:
         if not _REFUSALS.search(str(err)):
             raise
         names = dict.fromkeys(re.findall(r'GLOBAL ([\w.]+)', str(err)))
         reason = (f"it references {', '.join(names)}" if names else
                   next(line.strip() for line in str(err).splitlines() if _REFUSALS.search(line)))
-        raise RefusedCheckpoint(source, reason) from None
+        raise RefusedCheckpoint(source, reason, path) from None
 
 
-def load(path, map_location='cpu'):
-    """``torch.load(path, weights_only=True)`` that also reads mmengine Runner checkpoints."""
-    return inert(lambda: torch.load(path, map_location=map_location, weights_only=True),
-                 str(path))
+def load(path: str, source: str = None, map_location='cpu'):
+    """The PyTorch file ``path`` (read from ``source``, for messages) as inert data: the only
+    ``torch.load`` of the package."""
+    source = source or str(path)
+    with open(path, 'rb') as f:
+        head = f.read(8)
+    if not head.startswith((b'PK\x03\x04', b'\x80')):  # torch: a zip file or a pickle
+        raise CheckpointError(
+            f'cannot read {source}: it is not a checkpoint (neither a PyTorch file nor '
+            f'safetensors; it starts with {head!r})' if head else
+            f'cannot read {source}: the file is empty')
+    try:
+        return inert(lambda: torch.load(path, map_location=map_location, weights_only=True),
+                     source, str(path))
+    except RefusedCheckpoint:
+        raise
+    except Exception as err:
+        raise CheckpointError(unreadable(source, err)) from err
+
+
+def unreadable(source, err) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ''
+    return (f'cannot read {source}: it is not a complete PyTorch or safetensors checkpoint '
+            f'({type(err).__name__}: {first}). The file may be truncated (an interrupted '
+            'download?): download it again.')
 
 
 def inert_config(text) -> str:

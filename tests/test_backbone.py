@@ -1,4 +1,6 @@
 """The backbone checklist of mmdet/mmpretrain's backbone tests, plus RandFormer resampling."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,18 @@ def test_output_shapes(cls, arch, out_indices):
     assert len(outs) == len(out_indices)
     for out, i in zip(outs, out_indices):
         assert out.shape == (1, dims[i], *feature_sizes((95, 127))[i]) and out.is_contiguous()
+
+
+
+@pytest.mark.parametrize('out_indices,order', [((3, 1), '(1, 3)'), ((2, 2), '(2,)'),
+                                               ((1, -3), '(1,)'), ((-1, 0), '(0, 3)')])
+def test_out_indices_out_of_stage_order_refused(out_indices, order):
+    """The outputs come once per stage in stage order, and the export names follow
+    ``out_indices``: an order or a repeat the outputs cannot follow is refused, naming the
+    order that works."""
+    with pytest.raises(ValueError, match=r'distinct stages in ascending order.*'
+                       + re.escape(f'{out_indices}; use {order}')):
+        CAFormer(arch=TINY, out_indices=out_indices)
 
 
 @pytest.mark.parametrize('size', [(224, 224), (512, 512), (800, 1333), (511, 383)])

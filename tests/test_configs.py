@@ -188,13 +188,9 @@ def _training_batch(scope, size, num_classes):
     return inputs, samples
 
 
-@pytest.mark.parametrize('name', sorted({  # the smallest model of each recipe
-    min(path for path, (r, _, size) in ZOO.items() if r == recipe and size in ('s12', 's18'))
-    for recipe in RECIPES}))
-def test_every_parameter_trains(name):
-    """One training loss reaches every trainable parameter: DDP, as the recipes run it
-    (``find_unused_parameters=False``), stops at the second iteration otherwise."""
-    cfg = load(name)
+def unused_by_one_loss(cfg):
+    """The trainable parameters one training loss of ``cfg``'s model on a small random batch
+    leaves without a gradient."""
     scope = cfg.default_scope
     if 'rpn_proposal' in cfg.model.get('train_cfg', {}):
         cfg.model.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=50)
@@ -206,8 +202,53 @@ def test_every_parameter_trains(name):
         losses = model(inputs, samples, mode='loss')
     loss, _ = model.parse_losses(losses)
     loss.backward()
-    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+@pytest.mark.parametrize('name', sorted({  # the smallest model of each recipe
+    min(path for path, (r, _, size) in ZOO.items() if r == recipe and size in ('s12', 's18'))
+    for recipe in RECIPES}))
+def test_every_parameter_trains(name):
+    """One training loss reaches every trainable parameter: DDP, as the recipes run it
+    (``find_unused_parameters=False``), stops at the second iteration otherwise; and
+    tools/train.py's check before a DDP run finds nothing to report."""
+    import train
+    cfg = load(name)
+    unused = unused_by_one_loss(cfg)
     assert not unused, f'{name}: parameters without a gradient: {unused[:8]}'
+    assert train.params_without_gradient(cfg.model, cfg.default_scope) == []
+
+
+# mmdet's / mmseg's own configs with the backbone swapped as a user would, nothing else: the
+# neck or the heads skip backbone outputs (RetinaNet's FPN starts at level 1; FCN's heads read
+# stages 2 and 3 by in_index).
+SKIPPING_SWAPS = {
+    'retinanet': """
+_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)
+model = dict(backbone=dict(_delete_=True, type='mmmetaformer.PoolFormerV2', arch='s12'),
+             neck=dict(in_channels=[64, 128, 320, 512]))
+""",
+    'fcn': """
+_base_ = 'mmseg::fcn/fcn_r50-d8_4xb2-40k_cityscapes-512x1024.py'
+custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)
+model = dict(backbone=dict(_delete_=True, type='mmmetaformer.ConvFormer', arch='s18'),
+             decode_head=dict(in_channels=512), auxiliary_head=dict(in_channels=320))
+"""}
+
+
+@pytest.mark.parametrize('name', sorted(SKIPPING_SWAPS))
+def test_check_before_ddp_finds_what_one_loss_leaves_out(name, tmp_path):
+    """tools/train.py's check before a DDP run names exactly the parameters one training loss
+    leaves without a gradient: the output norms of the skipped stages."""
+    import train
+    path = tmp_path / 'swap.py'
+    path.write_text(SKIPPING_SWAPS[name])
+    cfg = Config.fromfile(str(path))
+    found = train.params_without_gradient(cfg.model, cfg.default_scope)
+    skipped = ('norm0.', ) if name == 'retinanet' else ('norm0.', 'norm1.')
+    assert found and all(n.startswith(tuple(f'backbone.{s}' for s in skipped)) for n in found)
+    assert found == unused_by_one_loss(cfg)
 
 
 SWAP_MMDET = """

@@ -1,13 +1,15 @@
 """check_dataset: one clear FileNotFoundError for missing COCO / ADE20K / ImageNet data, a
-ValueError naming a damaged COCO annotation file; unreadable images are named."""
+ValueError naming a damaged COCO annotation file or the config's classes it lacks, a report of
+the annotations mmdet would skip; unreadable images are named."""
+import json
 import re
 import shutil
 
 import pytest
 from mmengine.config import Config
 
-from mmmetaformer.datasets import (check_dataset, write_ade20k_demo, write_coco_demo,
-                                   write_imagenet_demo)
+from mmmetaformer.dataset_checks import check_dataset
+from mmmetaformer.demo_data import write_ade20k_demo, write_coco_demo, write_imagenet_demo
 
 HINT = "(see README, 'Prepare datasets')"
 
@@ -94,8 +96,9 @@ def test_custom_dataset_and_class_types(data):
 
 
 def test_passes_for_demo_data(data):
-    check_dataset(config(train=coco(str(data / 'coco')),
-                         val=coco(str(data / 'coco'), 'val', type='mmdet.CocoDataset')))
+    assert check_dataset(config(
+        train=with_classes(coco(str(data / 'coco'))),
+        val=with_classes(coco(str(data / 'coco'), 'val', type='mmdet.CocoDataset')))) == []
     check_dataset(config(train=ade(str(data / 'ade20k')), val=ade(str(data / 'ade20k'), 'validation')))
     check_dataset(config(train=imagenet(str(data / 'imagenet')),
                          val=dict(type='CustomDataset', data_root=str(data / 'imagenet'),
@@ -118,7 +121,8 @@ def test_malformed_coco_annotations_are_named(data, tmp_path, content, problem):
     ann = root / 'annotations' / 'instances_val2017.json'
     ann.write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(f'{ann} {problem}')):
-        check_dataset(config(train=coco(str(root)), val=coco(str(root), 'val')))
+        check_dataset(config(train=with_classes(coco(str(root))),
+                             val=with_classes(coco(str(root), 'val'))))
 
 
 def test_empty_image_is_named(tmp_path):
@@ -132,3 +136,109 @@ def test_empty_image_is_named(tmp_path):
     path.write_bytes(b'not an image')  # mmcv names these itself
     with pytest.raises(AssertionError, match=re.escape(f'failed to load image: {path}')):
         LoadImageFromFile()(dict(img_path=str(path)))
+
+
+# --- annotations that change metrics or break evaluation -------------------------------------
+
+DEMO_CLASSES = ('circle', 'square', 'triangle')
+
+
+def edited_coco(data, tmp_path, edit):
+    """A copy of the demo COCO set whose training annotation file ``edit`` changes in place."""
+    root = tmp_path / 'coco'
+    shutil.copytree(data / 'coco', root)
+    ann = root / 'annotations' / 'instances_train2017.json'
+    coco = json.loads(ann.read_text())
+    edit(coco)
+    ann.write_text(json.dumps(coco))
+    return root, ann
+
+
+def with_classes(dataset, classes=DEMO_CLASSES):
+    return dict(dataset, metainfo=dict(classes=classes))
+
+
+@pytest.fixture(scope='module')
+def many(tmp_path_factory):
+    """A demo COCO set with enough annotations for four kinds of damage and a clean rest."""
+    root = tmp_path_factory.mktemp('many')
+    write_coco_demo(str(root / 'coco'), num_train=8, num_val=1, image_size=(96, 64))
+    return root
+
+
+def test_bad_annotations_are_counted_with_examples(many, tmp_path):
+    """Counted as mmdet's CocoDataset counts what it skips: every annotation reported as a bad
+    box, unknown category or unknown image is one that mmdet leaves out of training."""
+    def damage(coco):
+        anns = coco['annotations']
+        assert len(anns) >= 12
+        for ann in anns[:4]:  # zero widths and negative heights
+            ann['bbox'][3 if ann['id'] % 2 else 2] = -3.0 if ann['id'] % 2 else 0.0
+        anns[4]['category_id'] = anns[5]['category_id'] = 99
+        anns[6]['image_id'] = 999
+    root, ann = edited_coco(many, tmp_path, damage)
+    reports = check_dataset(config(train=with_classes(coco(str(root)))))
+    coco_file = json.loads(ann.read_text())
+    ids = [a['id'] for a in coco_file['annotations']]
+    assert reports == [
+        f'{ann}: 4 (id {ids[0]}: bbox {coco_file["annotations"][0]["bbox"]}; id {ids[1]}: bbox '
+        f'{coco_file["annotations"][1]["bbox"]}; id {ids[2]}: bbox '
+        f'{coco_file["annotations"][2]["bbox"]}; ...) annotations without a box of positive '
+        'width and height (mmdet trains without them, COCO evaluation counts them as missed)',
+        f"{ann}: 2 (id {ids[4]}: category_id 99; id {ids[5]}: category_id 99) annotations of "
+        "category ids missing from 'categories' (left out of training and evaluation)",
+        f"{ann}: 1 (id {ids[6]}: image_id 999) annotations of image ids missing from 'images' "
+        '(left out of training and evaluation)']
+
+    from mmdet.datasets import CocoDataset
+    dataset = CocoDataset(data_root=str(root), ann_file='annotations/instances_train2017.json',
+                          data_prefix=dict(img='train2017/'), metainfo=dict(classes=DEMO_CLASSES),
+                          pipeline=[], filter_cfg=None)
+    kept = sum(len(dataset.get_data_info(i)['instances']) for i in range(len(dataset)))
+    assert len(ids) - kept == 4 + 2 + 1
+
+
+def test_polygon_of_one_point_is_reported(many, tmp_path):
+    """pycocotools cannot turn it into a mask (the segm evaluation fails on it)."""
+    from pycocotools import mask
+    def damage(coco):
+        coco['annotations'][1]['segmentation'] = [[10.0, 12.0]]
+    root, ann = edited_coco(many, tmp_path, damage)
+    second = json.loads(ann.read_text())['annotations'][1]['id']
+    assert check_dataset(config(train=with_classes(coco(str(root))))) == [
+        f'{ann}: 1 (id {second}: segmentation [[10.0, 12.0]]) annotations with a polygon of '
+        "fewer than 3 points (mmdet trains without them, pycocotools' segm evaluation fails on "
+        'them)']
+    with pytest.raises(Exception, match='input type is not supported'):
+        mask.frPyObjects([[10.0, 12.0]], 64, 96)
+
+
+def test_clean_demo_annotations_give_no_report(many):
+    assert check_dataset(config(train=with_classes(coco(str(many / 'coco'))))) == []
+
+
+@pytest.mark.parametrize('classes,named', [
+    (('circle', 'Square', 'hexagon'), "2 (Square; hexagon)"),
+    (None, '80 (person; bicycle; car; ...)')])  # no metainfo: mmdet's 80 COCO classes
+def test_classes_missing_from_the_file_are_named(many, classes, named):
+    """A config class the file does not name fails evaluation (IndexError in mmdet's
+    CocoMetric); the check names the classes, the file and the names it has."""
+    dataset = coco(str(many / 'coco'))
+    ann = many / 'coco' / 'annotations' / 'instances_train2017.json'
+    with pytest.raises(ValueError) as error:
+        check_dataset(config(train=with_classes(dataset, classes) if classes else dataset))
+    assert str(error.value) == (
+        f"{ann}: the config's classes {named} are not category names of the file, which has "
+        "3 (circle; square; triangle): set the dataset's metainfo=dict(classes=...) to names "
+        "of the file")
+
+
+@pytest.mark.parametrize('content', [b'{"images": {}, "categories": []}',
+                                     b'{"images": [], "categories": [], "annotations": [1]}'])
+def test_coco_lists_of_other_things_are_named(many, tmp_path, content):
+    root = tmp_path / 'coco'
+    shutil.copytree(many / 'coco', root)
+    ann = root / 'annotations' / 'instances_train2017.json'
+    ann.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f'{ann} is not a COCO annotation file: ')):
+        check_dataset(config(train=with_classes(coco(str(root)))))

@@ -167,9 +167,9 @@ def retinanet():
 
 @pytest.fixture
 def logs(monkeypatch):
-    import mmmetaformer.dense_checkpoints as dense
+    import mmmetaformer.checkpoints as ckpt
     messages = []
-    monkeypatch.setattr(dense, 'print_log', lambda msg, **kw: messages.append(msg))
+    monkeypatch.setattr(ckpt, 'print_log', lambda msg, **kw: messages.append(msg))
     return messages
 
 
@@ -290,7 +290,7 @@ def test_tools_test_with_original_and_converted_files(tmp_path):
     """tools/test.py on the demo data takes the official RetinaNet file (converted in memory,
     one log line) and its conversion, with the same detections."""
     import pickle
-    from mmmetaformer.datasets.demo_data import write_coco_demo
+    from mmmetaformer.demo_data import write_coco_demo
     write_coco_demo(str(tmp_path / 'coco'), num_train=1, num_val=2)
     config = tmp_path / 'retinanet_demo.py'
     config.write_text(DEMO_CONFIG.format(config=ROOT / RETINANET, data=tmp_path))

@@ -1,8 +1,14 @@
 """ONNX export (mmmetaformer.deploy, tools/export_onnx.py) against onnxruntime: every family's
 backbone exported once with dynamic axes and run at two sizes, a classifier, Semantic FPN and
 UperNet segmentors (checked against mmseg's own whole-image inference), detector features and
-RetinaNet's head maps, StarReLU folding in float64, the GroupNorm(1) forms and the errors."""
+RetinaNet's head maps, StarReLU folding in float64, the GroupNorm(1) forms, the preprocessing
+in the metadata, the errors, and writes that fail (whole detectors: test_deploy_detector.py)."""
 import copy
+import json
+import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,8 +132,8 @@ def test_segmentor_equals_mmseg_whole_inference(config, tmp_path):
     ('configs/demo/caformer_s18_maskrcnn_demo.py', 'features', [f'fpn{i}' for i in range(5)]),
     ('configs/coco/retinanet_poolformer-s12_fpn_1x_coco.py', 'dense_head',
      [f'{kind}{i}' for kind in ('cls_score', 'bbox_pred') for i in range(5)])])
-def test_detector(config, part, outputs, tmp_path):
-    exportable, info = build_exportable(str(ROOT / config))
+def test_detector_parts(config, part, outputs, tmp_path):
+    exportable, info = build_exportable(str(ROOT / config), part=part)
     assert info['part'] == part
     randomize(exportable.model)
     path = tmp_path / 'det.onnx'
@@ -152,3 +158,50 @@ def test_tool_check_and_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             run_tool(lambda: export_tool.main(argv + ['--out', out]))  # as on the command line
         assert str(exc.value.code).startswith(message) and '\n' not in str(exc.value.code)
+
+
+@pytest.mark.parametrize('shape', [('0', '0'), ('-5', '-5'), ('100000', '100000')])
+def test_tool_refuses_bad_shape(shape, tmp_path):
+    out = tmp_path / 'model.onnx'
+    with pytest.raises(SystemExit) as exc:
+        run_tool(lambda: export_tool.main(['identityformer_s12', '--out', str(out),
+                                           '--shape', *shape]))
+    message = str(exc.value.code)
+    assert message.startswith('error: --shape') and '\n' not in message
+    assert not out.exists()
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    """A write that fails half-way (a file size limit, as a full disk would) leaves the good
+    file at the path untouched and no partial file beside it."""
+    out = tmp_path / 'model.onnx'
+    export_tool.main(['identityformer_s12', '--out', str(out), '--shape', '64', '64'])
+    good = out.read_bytes()
+    limit = len(good) // 4
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'tools/export_onnx.py'), 'poolformer_s12', '--out', str(out),
+         '--shape', '64', '64'], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith('error: ') and str(out) in proc.stderr
+    assert out.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.onnx']
+
+
+@pytest.mark.parametrize('config', ['configs/imagenet/poolformer_s12_in1k.py',
+                                    'configs/demo/upernet_caformer-s18_ade20k_demo.py'])
+def test_preprocessing_in_metadata(config, tmp_path):
+    """The file carries the config's input normalisation, wherever the config keeps its data
+    preprocessor (mmpretrain: top level; mmseg and mmdet: in the model)."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(ROOT / config))
+    preprocessor = cfg.get('data_preprocessor') or cfg.model.data_preprocessor
+    out = tmp_path / 'model.onnx'
+    export_tool.main([str(ROOT / config), '--out', str(out), '--shape', '64', '64'])
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    for key in ('mean', 'std'):
+        assert json.loads(props[key]) == list(preprocessor[key])

@@ -233,7 +233,7 @@ def test_urls_in_load_from_run_no_code(served, tmp_path):
     folder, url = served
     marker = tmp_path / 'pwned'
     torch.save(dict(state_dict=_state(), extra=_RunsCode(marker)), folder / 'evil.pth')
-    with pytest.raises(pickle.UnpicklingError, match='Refused to load'):
+    with pytest.raises(pickle.UnpicklingError, match='refused to load'):
         CheckpointLoader.load_checkpoint(f'{url}/evil.pth')
     assert not marker.exists()
 

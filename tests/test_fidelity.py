@@ -16,7 +16,7 @@ from timm.models.metaformer import GroupNorm1NoBias
 from timm.models.metaformer import MetaFormer as TimmMetaFormer
 
 import mmmetaformer  # noqa: F401
-from mmmetaformer.analysis import count_macs
+from mmmetaformer.macs import count_macs
 from mmmetaformer.checkpoints import convert_to_canonical
 from mmmetaformer.models import ARCHS, MetaFormer
 

@@ -1,19 +1,20 @@
-"""The README's Python snippets work as written, pasted where the README says.
+"""The Python snippets of the README and of docs/ work as written, pasted where the text says.
 
 A snippet to test is marked by an HTML comment on the line before its ```python fence:
 
 * ``<!-- snippet-test: config PATH -->``: a whole config, saved as PATH (e.g.
   ``configs/my_config.py``) in a copy of the repository layout, built and trained one step;
 * ``<!-- snippet-test: merge TARGET ... -->``: a fragment pasted at the end of each TARGET (the
-  PATH of a config snippet, a config of the repository, or an ``mmdet::``/``mmseg::`` config),
-  then built and trained one step;
+  PATH of a config snippet of any page, a config of the repository, or an
+  ``mmdet::``/``mmseg::`` config), then built and trained one step;
 * ``<!-- snippet-test: run -->``: Python code, run from that copy of the repository; the
   ``.pth`` checkpoints and images it names are made up first (random weights of the config
   the snippet names; under ``data/demo/`` the demo datasets, which must hold the named image;
   elsewhere a random image).
 
 Every other Python block must at least compile. Training steps use tiny inputs and pretrained
-loading off (nothing is downloaded).
+loading off (nothing is downloaded); the loss must reach every trainable backbone parameter,
+as DDP requires.
 """
 import re
 import runpy
@@ -26,23 +27,35 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
 import mmmetaformer  # noqa: F401
-from mmmetaformer.datasets.demo_data import write_all
+from mmmetaformer.demo_data import write_all
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r'(?:<!-- snippet-test: (?P<tag>[^>]*?) -->\n\s*)?```python\n(?P<code>.*?)```',
                    re.S)
 
 
+def pages():
+    """The README and the pages of docs/ (not the scratch folders starting with ``_``)."""
+    docs = sorted(p for p in (ROOT / 'docs').rglob('*.md')
+                  if not any(part.startswith('_') for part in p.relative_to(ROOT).parts))
+    return [ROOT / 'README.md'] + docs
+
+
 def snippets():
-    """(line number, tag words or None, code) of every Python block of the README."""
-    text = (ROOT / 'README.md').read_text()
-    return [(text[:m.start('code')].count('\n'), m['tag'].split() if m['tag'] else None,
-             m['code']) for m in BLOCK.finditer(text)]
+    """(page:line, tag words or None, code) of every Python block of every page."""
+    found = []
+    for page in pages():
+        text = page.read_text()
+        name = page.relative_to(ROOT).as_posix()
+        found += [(f"{name}:{text[:m.start('code')].count(chr(10))}",
+                   m['tag'].split() if m['tag'] else None, m['code'])
+                  for m in BLOCK.finditer(text)]
+    return found
 
 
 SNIPPETS = snippets()
 CONFIGS = {tag[1]: code for _, tag, code in SNIPPETS if tag and tag[0] == 'config'}
-CASES = [(f'line{line}-{tag[0]}', tag, code) for line, tag, code in SNIPPETS if tag]
+CASES = [(f'{where}-{tag[0]}', tag, code) for where, tag, code in SNIPPETS if tag]
 CASES = [(f'{name}-{target}', ['merge', target], code)
          for name, tag, code in CASES if tag[0] == 'merge' for target in tag[1:]] + \
     [case for case in CASES if case[1][0] != 'merge']
@@ -63,9 +76,10 @@ def repo_copy(tmp_path, monkeypatch):
 
 
 def test_every_python_block_compiles():
-    assert CONFIGS and any(tag and tag[0] == 'run' for _, tag, _ in SNIPPETS)
-    for line, _, code in SNIPPETS:
-        compile(code, f'README.md:{line}', 'exec')
+    readme = [tag for where, tag, _ in SNIPPETS if where.startswith('README.md:') and tag]
+    assert {'config', 'run'} <= {tag[0] for tag in readme}
+    for where, _, code in SNIPPETS:
+        compile(code, where, 'exec')
 
 
 def config_text(target):
@@ -117,9 +131,11 @@ def dummy_batch(scope, size=128):
 
 
 def train_one_step(cfg):
-    """Build the config's model (pretrained loading off) and optimizer, run one training
-    step on tiny inputs; the backbone's weights must change."""
+    """Build the config's model (pretrained loading off), optimizer and lr schedulers, run one
+    training step on tiny inputs; the backbone's weights must change, and the loss must reach
+    every trainable one (an unused one stops DDP)."""
     from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import PARAM_SCHEDULERS
     scope = cfg.default_scope
     cfg.model.backbone.init_cfg = None
     cfg.model.pop('pretrained', None)
@@ -129,10 +145,18 @@ def train_one_step(cfg):
     with DefaultScope.overwrite_default_scope(scope):
         model = MODELS.build(cfg.model).train()
         optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-        before = [p.detach().clone() for p in model.backbone.parameters()]
+        trainable = {name: p for name, p in model.backbone.named_parameters() if p.requires_grad}
+        before = [p.detach().clone() for p in trainable.values()]
+        reached = set()  # what backward reaches, as DDP's unused-parameter check sees it
+        for name, p in trainable.items():
+            p.register_hook(lambda grad, name=name: reached.add(name))
         log_vars = model.train_step(dummy_batch(scope), optim_wrapper)
+        for scheduler in cfg.get('param_scheduler') or []:
+            PARAM_SCHEDULERS.build(dict(scheduler, optimizer=optim_wrapper))
     assert torch.isfinite(log_vars['loss'])
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.backbone.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainable.values()))
+    unused = sorted(set(trainable) - reached)
+    assert not unused, f'backbone parameters the loss does not reach: {unused}'
     assert type(model.backbone).__module__.startswith('mmmetaformer.')
 
 

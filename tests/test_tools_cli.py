@@ -62,7 +62,7 @@ def test_infer_checks_files_before_building(tmp_path):
 
 
 def test_damaged_annotation_file_in_train_py(tmp_path):
-    from mmmetaformer.datasets.demo_data import write_coco_demo
+    from mmmetaformer.demo_data import write_coco_demo
     data = tmp_path / 'coco'
     write_coco_demo(str(data), num_train=2, num_val=1, image_size=(96, 64))
     annotations = data / 'annotations' / 'instances_train2017.json'
@@ -73,7 +73,7 @@ def test_damaged_annotation_file_in_train_py(tmp_path):
     assert 'ValueError' not in proc.stderr
 
 def test_failed_pretrained_download_in_train_py(tmp_path):
-    from mmmetaformer.datasets.demo_data import write_coco_demo
+    from mmmetaformer.demo_data import write_coco_demo
     data = tmp_path / 'coco'
     write_coco_demo(str(data), num_train=2, num_val=1, image_size=(96, 64))
     url = 'http://127.0.0.1:9/caformer_s18.pth'  # the discard port: refused at once

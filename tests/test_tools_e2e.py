@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mmmetaformer.datasets.demo_data import write_ade20k_demo, write_coco_demo
+from mmmetaformer.demo_data import write_ade20k_demo, write_coco_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 DET = 'configs/demo/caformer_s18_maskrcnn_demo.py'
@@ -66,13 +66,14 @@ def test_train_test_infer_detection(data, tmp_path):
     assert out.stat().st_size > 0
     assert len(list(work.glob('*/vis/*.png'))) == 2
 
-    pictures = tmp_path / 'pictures'  # a folder of images: one picture each
+    pictures = tmp_path / 'pictures'  # a folder of images: one picture each, as mmdet names it
     images = sorted((data / 'coco' / 'val2017').glob('*.png'))
-    infer = tool('tools/infer.py', str(data / 'coco' / 'val2017'), DET, checkpoint, '--out',
-                 str(pictures))
-    assert sorted(p.name for p in pictures.iterdir()) == [p.stem + '.png' for p in images]
-    assert all(p.stat().st_size > 0 for p in pictures.iterdir())
+    infer = tool('tools/infer.py', str(data / 'coco' / 'val2017'), DET, '--weights', checkpoint,
+                 '--out-dir', str(pictures), '--pred-score-thr', '0.05')
+    assert sorted(p.name for p in (pictures / 'vis').iterdir()) == [p.name for p in images]
+    assert all(p.stat().st_size > 0 for p in (pictures / 'vis').iterdir())
     assert infer.stdout.count(' -> ') == len(images) and 'Warning' not in infer.stderr
+    assert infer.stdout.count('scoring >= 0.05') == len(images)
 
 
 def test_train_resume_test_segmentation(data, tmp_path):
@@ -124,6 +125,49 @@ def test_dist_train_two_cpu_processes(data, tmp_path):
     assert 'Epoch(train) [2][1/1]' in proc.stdout
     assert 'Distributed training: True' in proc.stdout
     assert (work / 'epoch_2.pth').exists()
+
+
+# mmdet's RetinaNet with the backbone swapped as a user would (backbone dict and neck
+# in_channels, nothing else): its FPN starts at level 1, so the stride-4 output norm never
+# gets a gradient. The rest fits the demo data: its 3 classes, small images, one epoch of two
+# steps.
+RETINANET_SWAP = """
+_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)
+model = dict(
+    backbone=dict(_delete_=True, type='mmmetaformer.PoolFormerV2', arch='s12'),
+    neck=dict(in_channels=[64, 128, 320, 512]),
+    bbox_head=dict(num_classes=3))  # the demo data's classes, not part of the swap
+dataset = dict(data_root='{data}/coco/', metainfo=dict(classes=('circle', 'square', 'triangle')))
+train_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False, dataset=dict(
+    dataset, pipeline=[dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True),
+                       dict(type='Resize', scale=(128, 96), keep_ratio=True),
+                       dict(type='PackDetInputs')]))
+val_dataloader = test_dataloader = dict(dataset=dataset)
+val_evaluator = test_evaluator = dict(ann_file='{data}/coco/annotations/instances_val2017.json')
+train_cfg = dict(max_epochs=1, val_interval=2)
+"""
+
+
+def test_dist_train_of_a_naive_retinanet_swap(data, tmp_path):
+    """2 processes (gloo) train mmdet's RetinaNet with the swapped backbone: DDP is told of the
+    unused stride-4 output norm, with one warning that names the tidier config."""
+    config = tmp_path / 'retinanet_swap.py'
+    config.write_text(RETINANET_SWAP.format(data=data))
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    work = tmp_path / 'work'
+    proc = subprocess.run(['bash', 'tools/dist_train.sh', str(config), '2', '--work-dir', str(work)],
+                          cwd=ROOT, env=dict(ENV, PYTHON=sys.executable, PORT=str(port)),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DDP stops at the second step when a parameter had no gradient in the first
+    assert 'Epoch(train) [1][2/2]' in proc.stdout and (work / 'epoch_1.pth').exists()
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith('warning: ')]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    assert warnings[0].startswith('warning: backbone.norm0.weight')
+    assert 'find_unused_parameters=True' in warnings[0] and 'out_indices' in warnings[0]
 
 
 def test_missing_dataset_message(tmp_path):

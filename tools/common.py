@@ -36,9 +36,9 @@ silence_known_warnings()
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
-import mmmetaformer  # noqa: F401,E402  (registers the backbones, applies mmmetaformer.compat)
+import mmmetaformer  # noqa: F401,E402  (registers the backbones, applies mmmetaformer.patches)
 from mmmetaformer.checkpoints import CheckpointError  # noqa: E402
-from mmmetaformer.datasets import check_dataset  # noqa: E402
+from mmmetaformer.dataset_checks import check_dataset  # noqa: E402
 from mmmetaformer.deploy import ExportError  # noqa: E402
 
 # errors about the user's files and arguments: their message alone says what to do
@@ -119,9 +119,12 @@ def load_config(args, dataloaders=('train_dataloader', 'val_dataloader', 'test_d
         # The OpenMMLab configs ask for NCCL, which needs GPUs; gloo runs on CPUs.
         cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
     try:
-        check_dataset({key: cfg.get(key) for key in dataloaders})
+        reports = check_dataset({key: cfg.get(key) for key in dataloaders})
     except (FileNotFoundError, ValueError) as err:  # missing, or a damaged annotation file
         raise SystemExit(f'error: {err}') from None
+    if os.environ.get('RANK', '0') == '0':  # once per run, not once per process
+        for report in reports:
+            print(f'warning: {report}', file=sys.stderr, flush=True)
     return cfg
 
 

@@ -24,9 +24,8 @@ import torch
 
 from mmmetaformer import __version__
 from mmmetaformer.checkpoints import (CheckpointError, check_fit, convert_to_canonical,
-                                      load_checkpoint_file, summarize)
-from mmmetaformer.dense_checkpoints import (convert_whole_model, describe_source,
-                                            is_whole_model, validate, whole_model_meta)
+                                      describe_source, is_whole_model, load_checkpoint_file,
+                                      model_kind, source_toolbox, summarize, validate_tensors)
 from mmmetaformer.models import ARCHS, MetaFormer
 
 
@@ -35,7 +34,7 @@ def convert(src: str, dst: str, arch: str = None, use_ema: bool = False) -> dict
     state, info = load_checkpoint_file(src, use_ema)
     whole = is_whole_model(state)
     what = describe_source(state, info) if whole else None
-    state = convert_whole_model(state, info) if whole else convert_to_canonical(state, info)[0]
+    state = convert_to_canonical(state, info, whole_model=whole)[0]
     backbone = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
     if arch is None:
         known = info.meta.get('arch')
@@ -51,13 +50,12 @@ def convert(src: str, dst: str, arch: str = None, use_ema: bool = False) -> dict
         arch = guesses[0]
     elif arch not in ARCHS:
         raise CheckpointError(f'unknown --arch {arch!r}; choose one of {", ".join(ARCHS)}')
-    model = MetaFormer(arch=arch, out_norm=None)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_fit(backbone, expected, info, arch, model.arch_settings)
+    check_fit(backbone, MetaFormer(arch=arch, out_norm=None), info)
     if whole:
         return _write_whole_model(state, info, what, arch, dst)
 
     out = {k: v for k, v in state.items() if k.startswith(('backbone.', 'head.'))}
+    validate_tensors(out, f'checkpoint {info.describe()}')
     meta = dict(arch=arch, source=str(src), source_format=info.format,
                 converted_by=f'mmmetaformer {__version__} tools/convert_checkpoint.py')
     classifier = out.get('head.fc.fc2.weight', out.get('head.fc.weight'))
@@ -74,9 +72,13 @@ def convert(src: str, dst: str, arch: str = None, use_ema: bool = False) -> dict
 
 
 def _write_whole_model(state, info, what, arch, dst) -> dict:
-    validate(state, what)
-    meta = dict(whole_model_meta(state, info, arch),
+    validate_tensors(state, what)
+    meta = dict(arch=arch, model=model_kind(state), source=info.source,
+                source_format=info.format, source_toolbox=source_toolbox(info.meta),
                 converted_by=f'mmmetaformer {__version__} tools/convert_checkpoint.py')
+    classes = info.meta.get('CLASSES') or info.meta.get('dataset_meta', {}).get('classes')
+    if classes:
+        meta['dataset_meta'] = dict(classes=tuple(classes))
     torch.save(dict(meta=meta, state_dict=state), dst)
     backbone = sum(k.startswith('backbone.') for k in state)
     extra = summarize(info)

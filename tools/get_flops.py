@@ -21,7 +21,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import DefaultScope, init_default_scope
 
 import mmmetaformer  # noqa: F401  (registers the backbones)
-from mmmetaformer.analysis import count_macs
+from mmmetaformer.macs import count_macs
 
 DEFAULT_SHAPES = {'mmdet': (800, 1280), 'mmseg': (512, 512), 'mmpretrain': (224, 224)}
 

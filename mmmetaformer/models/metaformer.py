@@ -17,6 +17,7 @@ from mmengine.model import BaseModule
 from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoints import load_pretrained
 from ..registry import MODELS
 from ..archs import ARCH_KEYS, ARCHS, FAMILIES
 from .layers import GroupNorm1, Mlp, Scale, StarReLU
@@ -244,11 +245,14 @@ class MetaFormer(BaseModule):
         if not out_indices or any(not -n <= i < n for i in out_indices):
             raise ValueError(f'out_indices must be non-empty indices of the {n} stages '
                              f'(-{n} to {n - 1}), got {tuple(out_indices)}')
-        return tuple(i % n for i in out_indices)
+        stages = tuple(i % n for i in out_indices)
+        if list(stages) != sorted(set(stages)):  # forward returns stages in order, once each
+            raise ValueError(f'out_indices must name distinct stages in ascending order, got '
+                             f'{tuple(out_indices)}; use {tuple(sorted(set(stages)))}')
+        return stages
 
     def init_weights(self):
         if self._loads_checkpoint(self.init_cfg):
-            from ..checkpoints import load_pretrained
             load_pretrained(self, self.init_cfg['checkpoint'], self.init_cfg.get('prefix'),
                             use_ema=self.init_cfg.get('use_ema', False))
             self._is_init = True
