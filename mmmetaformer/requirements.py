@@ -5,6 +5,8 @@ the same modules under different distribution names, so the requirement is on th
 the module that imports, checked when mmmetaformer is imported rather than by pip.
 """
 import importlib
+import importlib.metadata
+import importlib.util
 
 # module: (lowest accepted version, first version not accepted, the distributions providing it)
 REQUIRED = {
@@ -40,3 +42,10 @@ def register_config_scope():
     """
     from mmengine.config import utils
     utils.MODULE2PACKAGE.setdefault('mmmetaformer', 'mmmetaformer.registry')
+    # mmengine finds mmseg's configs (``mmseg::``) through the distribution mmsegmentation;
+    # the fork installs the module as onedl-mmsegmentation, which the module name finds
+    try:
+        importlib.metadata.distribution(utils.MODULE2PACKAGE['mmseg'])
+    except importlib.metadata.PackageNotFoundError:
+        if importlib.util.find_spec('mmseg') is not None:
+            utils.MODULE2PACKAGE['mmseg'] = 'mmseg'
