@@ -195,8 +195,9 @@ def _hub_reachable(timeout: float = 3.) -> bool:
         pool.shutdown(wait=False)
 
 
-def load_checkpoint_file(checkpoint, use_ema: bool = False) -> Tuple[dict, CheckpointInfo]:
-    """The flat state dict of a checkpoint (a path/URL or an already loaded object).
+def load_checkpoint_file(checkpoint, use_ema: bool = False, source: str = '<state dict>'
+                         ) -> Tuple[dict, CheckpointInfo]:
+    """The flat state dict of a checkpoint (a path/URL, or an object read from ``source``).
 
     Unwraps ``state_dict``/``model``/``module`` and ``module.`` prefixes and handles EMA
     copies: mmengine's EMAHook saves the EMA weights as ``state_dict`` (the raw ones, in
@@ -204,13 +205,18 @@ def load_checkpoint_file(checkpoint, use_ema: bool = False) -> Tuple[dict, Check
     ``ema_*`` buffers) is ignored unless ``use_ema``.
     """
     if isinstance(checkpoint, Mapping):
-        obj, info = checkpoint, CheckpointInfo('<state dict>')
+        obj, info = checkpoint, CheckpointInfo(source)
     else:
         obj, info = read_checkpoint(checkpoint), CheckpointInfo(str(checkpoint))
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'{info.source} holds a {type(obj).__name__}, not a state dict')
     if isinstance(obj.get('meta'), Mapping):
         info.meta = dict(obj['meta'])
+    wrong = next((k for k in _WEIGHTS_KEYS if k in obj and not isinstance(obj[k], (
+        Mapping, torch.Tensor))), None)
+    if wrong:
+        raise CheckpointError(f"{info.source}: its {wrong!r} is a {type(obj[wrong]).__name__}, "
+                              'not tensors by name')
     state = next((obj[k] for k in _WEIGHTS_KEYS if isinstance(obj.get(k), Mapping)), obj)
     ema_key = next((k for k in _EMA_KEYS if isinstance(obj.get(k), Mapping)), None)
     if isinstance(obj.get('ema_state_dict'), Mapping):
@@ -239,6 +245,10 @@ def load_checkpoint_file(checkpoint, use_ema: bool = False) -> Tuple[dict, Check
     info.ignore('non-tensor entries', [k for k, v in state.items()
                                        if not isinstance(v, torch.Tensor)])
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    nested = [k for k, v in state.items() if v.is_nested]
+    if nested:
+        raise CheckpointError(f'{info.source}: {first(nested)} is a nested tensor; these models '
+                              'load dense tensors')
     if not state:
         raise CheckpointError(f'{info.source} holds no tensors (top-level keys: {list(obj)[:8]})')
     return state, info
@@ -252,13 +262,13 @@ def is_whole_model(state: Mapping) -> bool:
         any(k.startswith(HEADS) for k in state)
 
 
-def detect_format(state_dict: Mapping) -> str:
-    """The name of the layout of ``state_dict`` in :data:`FORMATS`."""
+def detect_format(state_dict: Mapping, source: str = '<state dict>') -> str:
+    """The name of the layout of ``state_dict`` (read from ``source``) in :data:`FORMATS`."""
     for name, (signature, _) in FORMATS.items():
         if signature in state_dict:
             return name
     raise CheckpointError(
-        'unrecognised checkpoint layout (first keys: '
+        f'{source}: unrecognised checkpoint layout (first keys: '
         f'{list(state_dict)[:6]}); supported: '
         + '; '.join(f'{desc} with {sig!r}' for sig, desc in FORMATS.values()))
 
@@ -314,7 +324,7 @@ def convert_to_canonical(state_dict: Mapping, info: Optional[CheckpointInfo] = N
     heads = {k: v for k, v in state_dict.items()
              if whole_model and not k.startswith('backbone.')}
     state_dict = {k: v for k, v in state_dict.items() if k not in heads}
-    info.format = detect_format(state_dict)
+    info.format = detect_format(state_dict, info.source)
     rules = _rules(info.format, state_dict)
     canonical, other = {}, []
     for key, value in state_dict.items():
@@ -325,6 +335,9 @@ def convert_to_canonical(state_dict: Mapping, info: Optional[CheckpointInfo] = N
         else:
             other.append(key)
             continue
+        if new in canonical:
+            raise CheckpointError(f'{info.source}: {info.source_keys[new]!r} and {key!r} are '
+                                  f'both {new}; a checkpoint holds one layout')
         if _LINEAR.search(new) and value.dim() == 4 and value.shape[2:] == (1, 1):
             value = value.reshape(value.shape[:2])  # 1x1 conv weight -> Linear weight
         canonical[new] = value
@@ -339,21 +352,6 @@ def convert_to_canonical(state_dict: Mapping, info: Optional[CheckpointInfo] = N
                                   'detector or segmentor checkpoint')
         canonical.update(heads)
     return canonical, info
-
-
-def read_canonical(checkpoint, prefix: Optional[str] = None, use_ema: bool = False
-                   ) -> Tuple[dict, CheckpointInfo]:
-    """Read ``checkpoint`` (path, URL, ``timm://name`` or a loaded dict) and convert it;
-    ``prefix`` (mmengine's convention) first keeps only the keys under it, stripped."""
-    state, info = load_checkpoint_file(checkpoint, use_ema)
-    if prefix:
-        under = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if not under:
-            tops = sorted({k.split('.')[0] + '.' for k in state})
-            raise CheckpointError(f'{info.source} has no keys under prefix {prefix!r} '
-                                  f'(its top-level prefixes: {tops[:10]})')
-        state = under
-    return convert_to_canonical(state, info)
 
 
 # --- architecture guess and fit check ------------------------------------------------------
@@ -497,18 +495,23 @@ def validate_tensors(state: Mapping[str, torch.Tensor], source: str,
     (sparse, meta, ...), of another kind of dtype than ``like[key]`` (where ``like`` has no such
     key: float, but integer for BatchNorm's ``num_batches_tracked``), or float tensors holding
     NaN or Inf. Raises :class:`CheckpointError` naming ``source`` and the tensors."""
-    lines = []
+    lines, nonfinite = [], {}
     for key, t in state.items():
         want = _kind(like[key].dtype) if like is not None and key in like else \
             'integer' if key.endswith('.num_batches_tracked') else 'float'
         if t.layout != torch.strided or t.device.type == 'meta':
             lines.append(f'  {key}: a {t.layout} tensor on {t.device.type}, not a dense one')
+        elif t.numel() > t.untyped_storage().nbytes() // t.element_size():
+            lines.append(f'  {key}: {t.numel()} values declared over '
+                         f'{t.untyped_storage().nbytes() // t.element_size()} stored')
         elif _kind(t.dtype) != want:
             lines.append(f'  {key}: {_kind(t.dtype)} values ({t.dtype}) where {want} values '
                          'belong')
-    nonfinite = {key: t.numel() - int(torch.isfinite(t).sum()) for key, t in state.items()
-                 if t.layout == torch.strided and t.device.type != 'meta' and t.dtype in _FLOATS
-                 and not torch.isfinite(t).all()}
+        elif t.dtype in _FLOATS:  # in chunks: a copy at most of what the file stored
+            bad = sum(int(c.numel() - torch.isfinite(c).sum())
+                      for c in t.reshape(-1).split(1 << 22))
+            if bad:
+                nonfinite[key] = bad
     if nonfinite:
         shown = first([f'{k} ({n} of {state[k].numel()})' for k, n in nonfinite.items()])
         lines.append(f'  {sum(nonfinite.values())} NaN/Inf values in {len(nonfinite)} '
@@ -522,12 +525,21 @@ def validate_tensors(state: Mapping[str, torch.Tensor], source: str,
 
 def load_pretrained(backbone, checkpoint, prefix: Optional[str] = None,
                     use_ema: bool = False) -> CheckpointInfo:
-    """Load any supported checkpoint into a :class:`~mmmetaformer.models.MetaFormer`.
+    """Load any supported checkpoint (path, URL, ``timm://name`` or a loaded dict) into a
+    :class:`~mmmetaformer.models.MetaFormer`; ``prefix`` keeps only the keys under it.
 
     Strict for the backbone (all tensors but the output norms, right shapes, nothing
     unknown); the classifier head and EMA copies are ignored and logged.
     """
-    state, info = read_canonical(checkpoint, prefix, use_ema)
+    state, info = load_checkpoint_file(checkpoint, use_ema)
+    if prefix:  # mmengine's convention: only the keys under it, stripped
+        under = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not under:
+            tops = sorted({k.split('.')[0] + '.' for k in state})
+            raise CheckpointError(f'{info.source} has no keys under prefix {prefix!r} '
+                                  f'(its top-level prefixes: {tops[:10]})')
+        state = under
+    state, info = convert_to_canonical(state, info)
     info.ignore('classifier head', [k for k in state if k.startswith('head.')])
     weights = check_fit({k[len('backbone.'):]: v for k, v in state.items()
                          if k.startswith('backbone.')}, backbone, info)
@@ -544,19 +556,15 @@ def load_pretrained(backbone, checkpoint, prefix: Optional[str] = None,
     return info
 
 
+_KINDS = (('roi_head.mask_head.', 'Mask R-CNN'), ('roi_head.', 'two-stage detector'),
+          ('bbox_head.retina_', 'RetinaNet'), ('bbox_head.', 'one-stage detector'),
+          ('decode_head.scale_heads.', 'Semantic FPN'), ('decode_head.', 'segmentor'))
+
+
 def model_kind(state: Mapping) -> str:
     """What kind of model the keys of ``state`` belong to, e.g. ``'Mask R-CNN'``."""
-    if any(k.startswith('roi_head.mask_head.') for k in state):
-        return 'Mask R-CNN'
-    if any(k.startswith('roi_head.') for k in state):
-        return 'two-stage detector'
-    if any(k.startswith('bbox_head.retina_') for k in state):
-        return 'RetinaNet'
-    if any(k.startswith('bbox_head.') for k in state):
-        return 'one-stage detector'
-    if any(k.startswith('decode_head.scale_heads.') for k in state):
-        return 'Semantic FPN'
-    return 'segmentor' if any(k.startswith('decode_head.') for k in state) else 'model'
+    return next((kind for prefix, kind in _KINDS if any(k.startswith(prefix) for k in state)),
+                'model')
 
 
 def source_toolbox(meta: Mapping) -> str:
@@ -572,26 +580,24 @@ def describe_source(state: Mapping, info: CheckpointInfo) -> str:
     return f"{info.source} ({model_kind(state)}{', ' + toolbox if toolbox else ''})"
 
 
-def fit_checkpoint_to_model(model, checkpoint: Mapping, source: str) -> Optional[dict]:
-    """``checkpoint`` (read from ``source``) made loadable into ``model``, a detector or
-    segmentor whose backbone is this project's; None when the file is none of ours.
+def fit_checkpoint_to_model(model, checkpoint: Mapping, source: str, strict: bool
+                            ) -> Tuple[Mapping, bool]:
+    """``checkpoint`` (read from ``source``) as mmengine should load it into ``model``, a
+    detector or segmentor whose backbone is this project's, and whether strictly.
 
-    Ours: a whole-model file whose backbone is in the PoolFormer v1 layout (the published
-    dense-prediction files: converted here; mmdet 2.19 -> 3.3 and mmseg 0.19 -> 1.2 renamed
-    none of their necks' and heads' parameters), or one written by the whole-model
-    conversion. The result holds exactly the model's tensors, validated, and the source's
-    ``meta``; anything else raises :class:`CheckpointError`.
+    A whole-model file is found under ``state_dict``, ``model`` or ``module``, its keys with or
+    without ``module.``. Ours (the published dense-prediction files, whose backbone is in the
+    PoolFormer v1 layout: converted here, as mmdet 2.19 -> 3.3 and mmseg 0.19 -> 1.2 renamed
+    none of their necks' and heads' parameters; or a file of the whole-model conversion) must
+    hold exactly the model's tensors, validated, else :class:`CheckpointError`.
     """
-    raw = checkpoint.get('state_dict', checkpoint)
-    meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), Mapping) else {}
-    if not (isinstance(raw, Mapping) and is_whole_model(raw)
-            and any(hasattr(model, head.rstrip('.')) for head in HEADS)):
-        return None
-    convert = 'backbone.patch_embed.proj.weight' in raw  # the PoolFormer v1 layout
-    if not (convert or str(meta.get('converted_by', '')).startswith('mmmetaformer')):
-        return None
-    state, info = load_checkpoint_file(checkpoint)
-    info.source = source
+    state, info = load_checkpoint_file(checkpoint, source=source)
+    if not (is_whole_model(state) and any(hasattr(model, h.rstrip('.')) for h in HEADS)):
+        return checkpoint, strict
+    convert = 'backbone.patch_embed.proj.weight' in state  # the PoolFormer v1 layout
+    if not (convert or str(info.meta.get('converted_by', '')).startswith('mmmetaformer')):
+        wrapped = not isinstance(checkpoint.get('state_dict'), Mapping)
+        return (dict(checkpoint, state_dict=state) if wrapped else checkpoint), strict
     what = describe_source(state, info)
     if convert:
         state, info = convert_to_canonical(state, info, whole_model=True)
@@ -606,4 +612,4 @@ def fit_checkpoint_to_model(model, checkpoint: Mapping, source: str) -> Optional
                   'backbone tensors to the mmmetaformer layout (output norms '
                   + ', '.join(f'{a} -> {b}' for a, b in norms) + f'), {len(state) - backbone} '
                   'neck/head tensors as they are; optimizer state ignored', logger='current')
-    return dict(meta=dict(meta), state_dict=state)
+    return dict(meta=info.meta, state_dict=state), True

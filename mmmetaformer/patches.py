@@ -6,6 +6,7 @@ numpy 2.x, Python 3.11. Each entry of :data:`PATCHES` names what it replaces, wh
 ``MMMETAFORMER_DISABLE_PATCHES=all`` or a comma-separated list of names turns them off
 (docs/safety.md). :func:`apply` runs the rest, idempotently; ``import mmmetaformer`` calls it.
 """
+import contextlib
 import contextvars
 import functools
 import glob
@@ -13,6 +14,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import types
 import zipfile
 from typing import Callable, List, NamedTuple, Optional
@@ -99,30 +101,53 @@ def _apply_inert_config():
 
 
 # --- crash-safe-saves: a kill during a save keeps the last good checkpoint -----------------
-# mmengine <= 0.10.7's ``save_checkpoint`` writes the file in place and ``CheckpointHook``
-# removes the checkpoint beyond ``max_keep_ckpts`` (and the previous best) *before* saving the
-# new one, so a kill during a save leaves no checkpoint. Local saves go to a temporary file in
-# the same folder, renamed when complete (:func:`atomic_save`), and the hook's removals wait
+# mmengine <= 0.10.7's ``save_checkpoint`` and ``CheckpointHook`` write checkpoints and
+# ``last_checkpoint`` in place, and the hook removes the checkpoint beyond ``max_keep_ckpts``
+# (and the previous best) *before* saving the new one: a kill during a save leaves no
+# checkpoint, or an empty ``last_checkpoint``. Local saves and ``last_checkpoint`` go to a
+# temporary file renamed when complete (:func:`atomic_save`), and the hook's removals wait
 # until its save is done.
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save(obj, path)`` through a temporary file in the same folder, renamed when
-    complete: a reader, or a run killed meanwhile, sees the old file or the whole new one."""
-    path = os.fspath(path)
-    folder, name = os.path.split(path)
-    os.makedirs(folder or '.', exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(folder or '.'), f'.{glob.escape(name)}.*.tmp')):
-        os.remove(stale)  # left by a save that was killed
-    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
+def _alive(pid: int) -> bool:
     try:
-        with open(tmp, 'xb') as f:  # never through a file or link already there
-            torch.save(obj, f)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def _replacing(path: str, mode: str = 'w', **kwargs):
+    """A file opened for writing ``path`` whole: a temporary file in the same folder, renamed
+    to ``path`` when complete (one left by a killed process is removed by the next save)."""
+    folder = os.path.dirname(path) or '.'
+    for stale in glob.glob(os.path.join(glob.escape(folder), '.*.tmp')):
+        pid = re.search(r'\.(\d+)\.tmp$', stale)
+        if pid and not _alive(int(pid[1])):
+            os.remove(stale)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, mode.replace('w', 'x'), **kwargs) as f:  # never through a file or link
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as RuntimeError
+        raise OSError(f'cannot save checkpoint {path}: {err}') from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save(obj, path)`` through a temporary file: a reader, or a run killed
+    meanwhile, sees the old file or the whole new one."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with _replacing(path, 'wb') as f:
+        torch.save(obj, f)
 
 
 def _atomic_save_wrapper(save):
@@ -172,7 +197,7 @@ def _remove_after_save_wrapper(save):
 
 
 def _apply_crash_safe_saves():
-    from mmengine.hooks import CheckpointHook
+    from mmengine.hooks import CheckpointHook, checkpoint_hook
     from mmengine import runner as runner_package
     from mmengine.runner import checkpoint
     from mmengine.runner import runner as runner_module
@@ -180,13 +205,14 @@ def _apply_crash_safe_saves():
         _patch(module, 'save_checkpoint', _atomic_save_wrapper)
     for name in ('_save_checkpoint_with_step', '_save_best_checkpoint'):
         _patch(CheckpointHook, name, _remove_after_save_wrapper)
+    checkpoint_hook.open = _replacing  # the module opens only last_checkpoint, to write it
 
 
 # --- intact-resume: resume skips a damaged latest checkpoint -------------------------------
 # mmengine <= 0.10.7's ``--resume`` without a path follows ``last_checkpoint`` even to a
-# damaged file (a 25-frame ``PytorchStreamReader`` traceback): ``find_latest_checkpoint``
-# returns the newest intact checkpoint and says why; ``Runner.resume`` of a damaged file stops
-# with one line naming it and the intact ones beside it.
+# damaged file (a 25-frame ``PytorchStreamReader`` traceback), and an empty one sends it to
+# ''. ``find_latest_checkpoint`` returns the newest intact Runner checkpoint instead and says
+# why; ``Runner.resume`` of a damaged file stops with one line naming the intact ones beside it.
 
 def damage(path: str) -> Optional[str]:
     """What is wrong with the checkpoint file ``path`` ('does not exist', 'is empty', ...), or
@@ -209,10 +235,13 @@ def damage(path: str) -> Optional[str]:
     return f'is damaged (CRC error in {bad})' if bad else None
 
 
-def intact_checkpoints(folder: str, newest_only: bool = False) -> List[str]:
-    """The ``*.pth`` files in ``folder`` without :func:`damage`, newest first."""
-    files = sorted(glob.glob(os.path.join(glob.escape(folder), '*.pth')), key=os.path.getmtime,
-                   reverse=True)
+def intact_checkpoints(*folders: str, newest_only: bool = False) -> List[str]:
+    """The Runner checkpoints (``epoch_N.pth``, ``iter_N.pth``) in ``folders`` without
+    :func:`damage`, newest first."""
+    files = sorted({path for folder in folders for path in glob.glob(os.path.join(
+        glob.escape(folder), '*.pth')) if re.fullmatch(r'(epoch|iter)_\d+\.pth',
+                                                       os.path.basename(path))},
+                   key=os.path.getmtime, reverse=True)
     intact = []
     for path in files:
         if damage(path) is None:
@@ -225,18 +254,22 @@ def intact_checkpoints(folder: str, newest_only: bool = False) -> List[str]:
 def _intact_latest_wrapper(find_latest):
 
     def find_latest_checkpoint(path):
-        latest = find_latest(path)
-        problem = damage(latest) if latest and '://' not in latest else None
+        latest = find_latest(path)  # None: no last_checkpoint; '': an empty one
+        if latest is None or '://' in latest:
+            return latest
+        problem = damage(latest) if latest else 'is empty'
         if problem is None:
             return latest
-        intact = intact_checkpoints(os.path.dirname(latest) or path, newest_only=True)
+        what = f'the latest checkpoint {latest}' if latest else f'{path}/last_checkpoint'
+        folders = [os.path.dirname(latest) or path, path]
+        intact = intact_checkpoints(*filter(os.path.isdir, folders), newest_only=True)
         if not intact:
-            raise CheckpointError(
-                f'cannot resume: the latest checkpoint {latest} {problem}, and '
-                f'{os.path.dirname(latest) or path} holds no intact checkpoint')
+            raise CheckpointError(f'cannot resume: {what} {problem}, and '
+                                  f"{' or '.join(dict.fromkeys(folders))} holds no intact "
+                                  'checkpoint')
         from mmengine.logging import print_log
-        print_log(f'The latest checkpoint {latest} {problem}; resuming from {intact[0]}, '
-                  'the newest intact checkpoint', logger='current', level=logging.WARNING)
+        print_log(f'{what[0].upper()}{what[1:]} {problem}; resuming from {intact[0]}, the newest '
+                  'intact checkpoint', logger='current', level=logging.WARNING)
         return intact[0]
 
     return find_latest_checkpoint
@@ -293,12 +326,10 @@ def _load_to_model_wrapper(load):
         from .models import MetaFormer
         read, source = _read.get()
         _read.set((None, None))
-        if (isinstance(getattr(model, 'backbone', None), MetaFormer)
-                and isinstance(checkpoint, dict)):
-            fitted = fit_checkpoint_to_model(
-                model, checkpoint, source if read is checkpoint else '<checkpoint>')
-            if fitted is not None:
-                checkpoint, strict = fitted, True
+        if isinstance(getattr(model, 'backbone', None), MetaFormer) and \
+                isinstance(checkpoint, dict):
+            checkpoint, strict = fit_checkpoint_to_model(
+                model, checkpoint, source if read is checkpoint else '<checkpoint>', strict)
         return load(model, checkpoint, strict, logger, revise_keys)
 
     return _load_checkpoint_to_model
@@ -403,7 +434,7 @@ PATCHES = (
     Patch('inert-config', 'mmengine Runner.load_checkpoint',
           lambda: _at_most('mmengine', '0.10.7'), _apply_inert_config),
     Patch('crash-safe-saves', 'mmengine save_checkpoint (3 names), CheckpointHook.'
-          '_save_checkpoint_with_step/_save_best_checkpoint',
+          '_save_checkpoint_with_step/_save_best_checkpoint, hooks.checkpoint_hook.open',
           lambda: _at_most('mmengine', '0.10.7'), _apply_crash_safe_saves),
     Patch('intact-resume', 'mmengine Runner.resume, runner.find_latest_checkpoint',
           lambda: _at_most('mmengine', '0.10.7'), _apply_intact_resume),

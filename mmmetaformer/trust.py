@@ -21,16 +21,21 @@ forged dtypes, mmengine's would rewrite ``HistoryBuffer``'s statistics for the p
   ``b''`` (how Python pickles empty bytes, e.g. of an empty array).
 
 Anything else is refused (:class:`RefusedCheckpoint`) and, as nothing is built before every
-record passed, a refused file leaves no trace in the process. The config text a Runner
+record passed, a refused file leaves no trace in the process. Records are looked for
+everywhere (dictionary keys, sets, attributes of tensors and OrderedDicts); messages describe
+what a file passed by its type, never by a repr, which shared nested data makes exponential.
+The stand-ins answer only the thread whose load bound them. The config text a Runner
 checkpoint may carry (``meta['config']``, which mmengine's ``Runner.resume`` executes) is
 reduced to its ``gpu_ids`` by :func:`inert_config`, read without running anything.
 """
 import ast
 import contextlib
+import contextvars
 import math
 import pickle
 import re
 import shlex
+import threading
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -43,6 +48,9 @@ _DTYPES = {np.dtype(code).newbyteorder(order).__reduce__()[1:]:
            np.dtype(code).newbyteorder(order) for code in PLAIN_DTYPES for order in '<>'}
 _STATISTICS = ('min', 'max', 'current', 'mean')
 _HISTORY_KEYS = {'max_length', '_log_history', '_count_history'}
+_ATOMS = (str, int, bool, type(None))
+_LOCK = threading.RLock()  # one load at a time binds the stand-ins
+_reading = contextvars.ContextVar('mmmetaformer_reading', default=False)  # in this thread
 # torch's messages for a pickle that needs more than its allow-list (the others: malformed)
 _REFUSALS = re.compile(r'not an allowed global|is blocked|unrecognized function|Can only '
                        r'(build|create|append)|Unsupported operand|must be imported')
@@ -74,10 +82,28 @@ class _Refused(Exception):
     ``UnpicklingError``)."""
 
 
+def _brief(x) -> str:
+    """What a file passed, for a message: a scalar, or just the type of anything else (the
+    repr of shared nested data takes exponential time and memory)."""
+    return repr(x)[:100] if type(x) in _ATOMS + (bytes, float) else f'a {type(x).__name__}'
+
+
+def _check_thread():
+    """Stand-ins answer only the load that bound them: another thread's ``torch.load``
+    meanwhile gets torch's own refusal."""
+    if not _reading.get():
+        raise pickle.UnpicklingError('Unsupported global: a numpy or mmengine global was '
+                                     'not an allowed global by default')
+
+
 class _Record:
     """A stand-in: records what the pickle passed; ``build`` validates it and makes the
     real object."""
     args, state = (), None
+
+    def __new__(cls, *args):  # REDUCE and NEWOBJ both come here
+        _check_thread()
+        return super().__new__(cls)
 
     def __init__(self, *args):
         self.args = args
@@ -90,12 +116,13 @@ class _DType(_Record):
     """Bound to ``numpy.dtype``."""
 
     def build(self, _):
-        try:
-            return _DTYPES[self.args, self.state]
-        except (KeyError, TypeError):
-            raise _Refused(f'refusing numpy dtype {self.args!r:.100}, state '
-                           f'{self.state!r:.200}: only plain {", ".join(PLAIN_DTYPES)} dtypes '
-                           'are data') from None
+        flat = all(type(part) is tuple and all(type(v) in _ATOMS for v in part)
+                   for part in (self.args, self.state))  # before hashing them
+        if not (flat and (self.args, self.state) in _DTYPES):
+            raise _Refused(f'refusing numpy dtype {_brief(self.args)}, state '
+                           f'{_brief(self.state)}: only plain {", ".join(PLAIN_DTYPES)} dtypes '
+                           'are data')
+        return _DTYPES[self.args, self.state]
 
 
 class _Array(_Record):
@@ -103,12 +130,14 @@ class _Array(_Record):
 
     def build(self, walk):
         if not (isinstance(self.state, tuple) and len(self.state) == 5 and self.state[0] == 1):
-            raise _Refused(f'refusing a numpy array with state {self.state!r:.200}')
+            raise _Refused(f'refusing a numpy array with state {_brief(self.state)}')
         _, shape, dtype, fortran, raw = self.state
         if not (type(shape) is tuple and all(type(n) is int and n >= 0 for n in shape)
                 and isinstance(dtype, _DType) and type(fortran) is bool):
-            raise _Refused(f'refusing a numpy array of shape {shape!r:.100}, dtype '
-                           f'{dtype!r:.100}')
+            raise _Refused(f'refusing a numpy array of shape {_brief(shape)}, dtype '
+                           f'{_brief(dtype)}')
+        if len(shape) > 64:  # numpy's limit
+            raise _Refused(f'refusing a numpy array of {len(shape)} dimensions (at most 64)')
         dtype = walk(dtype)
         if type(raw) is not bytes or len(raw) != math.prod(shape) * dtype.itemsize:
             raise _Refused(f'refusing a numpy array of shape {shape}, dtype {dtype}: its data '
@@ -122,7 +151,7 @@ class _Scalar(_Record):
     def build(self, walk):
         dtype, raw = self.args if len(self.args) == 2 else (None, None)
         if not isinstance(dtype, _DType) or type(raw) is not bytes:
-            raise _Refused(f'refusing a numpy scalar made of {self.args!r:.200}')
+            raise _Refused(f'refusing a numpy scalar made of {_brief(self.args)}')
         dtype = walk(dtype)
         if len(raw) != dtype.itemsize:
             raise _Refused(f'refusing a numpy {dtype} scalar of {len(raw)} bytes')
@@ -144,11 +173,11 @@ class _HistoryBuffer(_Record):
         state = self.state
         if not (type(state) is dict and _HISTORY_KEYS <= set(state)
                 <= _HISTORY_KEYS | {'statistics_methods'}) or self.args:
-            raise _Refused(f'refusing a HistoryBuffer with state {state!r:.200}')
+            raise _Refused(f'refusing a HistoryBuffer with state {_brief(state)}')
         methods = state.get('statistics_methods', {})
         if not (type(methods) is dict and all(
                 isinstance(m, _Statistic) and m.args[1] == name for name, m in methods.items())):
-            raise _Refused(f'refusing a HistoryBuffer whose statistics are {methods!r:.200}: '
+            raise _Refused(f'refusing a HistoryBuffer whose statistics are {_brief(methods)}: '
                            f"only mmengine's own ({', '.join(_STATISTICS)}) are accepted")
         log, count = walk(state['_log_history']), walk(state['_count_history'])
         max_length = state['max_length']
@@ -161,21 +190,24 @@ class _HistoryBuffer(_Record):
 
 
 def _reconstruct(cls, *args):
+    _check_thread()
     if cls is not _Array:
-        raise _Refused(f'refusing numpy _reconstruct of {cls!r:.100}: only ndarray')
+        raise _Refused(f'refusing numpy _reconstruct of {_brief(cls)}: only ndarray')
     return _Array()
 
 
 def _bytes(*args):
     """Python pickles ``b''`` (an empty array's data) as ``bytes()``: nothing else."""
+    _check_thread()
     if args:
-        raise _Refused(f'refusing bytes{args!r:.100}: only bytes() is data')
+        raise _Refused(f'refusing bytes of {_brief(args[0])}: only bytes() is data')
     return b''
 
 
 def _getattr(obj, name, *default):
+    _check_thread()
     if obj is not _HistoryBuffer or name not in _STATISTICS or default:
-        raise _Refused(f'refusing getattr({obj!r:.100}, {name!r:.100}): only the HistoryBuffer '
+        raise _Refused(f'refusing getattr({_brief(obj)}, {_brief(name)}): only the HistoryBuffer '
                        f'statistics {", ".join(_STATISTICS)} may be referenced')
     return _Statistic(obj, name)
 
@@ -195,44 +227,50 @@ def _global_name(entry):
 
 @contextlib.contextmanager
 def _stand_ins():
-    """Bind :data:`STAND_INS` for ``torch.load(weights_only=True)``; safe globals the user
-    added stay, except under those names, and all of them are back afterwards."""
-    saved = torch.serialization.get_safe_globals()
-    names = {name for _, name in STAND_INS}
-    torch.serialization.clear_safe_globals()
-    torch.serialization.add_safe_globals(
-        [g for g in saved if _global_name(g) not in names] + STAND_INS)
-    try:
-        yield
-    finally:
+    """Bind :data:`STAND_INS` for ``torch.load(weights_only=True)`` in this thread, one load
+    at a time; safe globals the user added stay, except under those names, and all of them
+    are back afterwards."""
+    with _LOCK:
+        saved = torch.serialization.get_safe_globals()
+        names = {name for _, name in STAND_INS}
         torch.serialization.clear_safe_globals()
-        torch.serialization.add_safe_globals(saved)
+        torch.serialization.add_safe_globals(
+            [g for g in saved if _global_name(g) not in names] + STAND_INS)
+        token = _reading.set(True)
+        try:
+            yield
+        finally:
+            _reading.reset(token)
+            torch.serialization.clear_safe_globals()
+            torch.serialization.add_safe_globals(saved)
 
 
 def _materialize(obj):
-    """``obj`` with every record validated and built; containers are updated in place."""
+    """``obj`` with every record validated and built, wherever it is (attributes of tensors
+    and OrderedDicts included); containers are updated in place. Dictionary keys and sets
+    must hold none (they would have to be rebuilt)."""
     done = {}
 
     def walk(x):
         if id(x) in done:
             return done[id(x)]
+        done[id(x)] = x
         if isinstance(x, _Record):
             done[id(x)] = x.build(walk)
         elif type(x) in (dict, OrderedDict, Counter):
-            done[id(x)] = x
-            if any(isinstance(k, _Record) for k in x):
-                raise _Refused('refusing numpy or mmengine objects as dictionary keys')
+            if any(walk(k) is not k for k in x):
+                raise _Refused('refusing numpy or mmengine objects in dictionary keys')
             for k, v in x.items():
                 x[k] = walk(v)
         elif type(x) is list:
-            done[id(x)] = x
             x[:] = [walk(v) for v in x]
         elif type(x) is tuple:
-            done[id(x)] = tuple(walk(v) for v in x)
-        elif type(x) in (set, frozenset) and any(isinstance(v, _Record) for v in x):
+            items = tuple(walk(v) for v in x)
+            done[id(x)] = x if all(a is b for a, b in zip(items, x)) else items
+        elif type(x) in (set, frozenset) and any(walk(v) is not v for v in x):
             raise _Refused('refusing numpy or mmengine objects in a set')
-        else:
-            done[id(x)] = x
+        if isinstance(x, (OrderedDict, torch.Tensor)) and getattr(x, '__dict__', None):
+            walk(vars(x))
         return done[id(x)]
 
     try:
@@ -295,7 +333,7 @@ def inert_config(text) -> str:
     ``range(a, b)``) and returns just that assignment (empty if there is none)."""
     try:
         body = ast.parse(text).body if isinstance(text, str) else []
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, MemoryError, RecursionError):  # MemoryError: too deep
         body = []
     gpu_ids = None
     for node in body:

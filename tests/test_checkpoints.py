@@ -440,3 +440,22 @@ def test_remote_names(tmp_path, monkeypatch):
     assert cached.startswith(str(tmp_path / 'hub' / 'checkpoints'))
     torch.save(to_official(source('poolformerv2_s12')[1]), cached)
     assert_features(backbone('poolformerv2_s12', checkpoint=url), 'poolformerv2_s12')
+
+
+# --- round two, 3: two source keys for one tensor ---------------------------------------------
+
+@pytest.mark.parametrize('twin', [
+    lambda state: {**{f'backbone.{k}': v for k, v in state.items()},
+                   'backbone.stem.conv.weight': torch.zeros_like(state['patch_embed.proj.weight'])},
+    lambda state: {**state,
+                   'stem.conv.weight': torch.zeros_like(state['patch_embed.proj.weight'])}],
+    ids=['mmpretrain-and-canonical', 'official-and-timm'])
+def test_two_keys_for_one_tensor_are_refused(twin):
+    state = twin(to_official(source('poolformer_s12')[1], v1=True))
+    names = [k for k in state if k.endswith(('patch_embed.proj.weight', 'stem.conv.weight'))]
+    model = backbone('poolformer_s12')
+    before = model.stem.conv.weight.clone()
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(model, state)
+    assert all(repr(name) in str(err.value) for name in names), str(err.value)
+    assert 'backbone.stem.conv.weight' in str(err.value) and model.stem.conv.weight.equal(before)

@@ -317,3 +317,20 @@ def test_tools_test_with_original_and_converted_files(tmp_path):
         assert len(a['pred_instances']['scores']) > 0
         for key in ('bboxes', 'scores', 'labels'):
             assert a['pred_instances'][key].equal(b['pred_instances'][key])
+
+
+# --- round two, 4: whole models under other containers and prefixes --------------------------
+
+@pytest.mark.parametrize('wrap', [
+    lambda ck: dict(ck, state_dict={f'module.{k}': v for k, v in ck['state_dict'].items()}),
+    lambda ck: dict(meta=ck['meta'], model=ck['state_dict'])],
+    ids=['module-prefix', 'model-key'])
+def test_whole_model_under_other_containers(mask_rcnn, tmp_path, wrap):
+    """Loaded the way load_from does (not strict): all of it, or nothing with an error."""
+    cfg, reference = mask_rcnn
+    path = tmp_path / 'mask_rcnn_poolformer_s12.pth'
+    official_file(reference, path, 'mmdet 2.19.0')
+    torch.save(wrap(torch.load(path, weights_only=True)), path)
+    model = build(cfg)
+    load_checkpoint(model, str(path), map_location='cpu')
+    assert_same_outputs(model, reference, cfg.default_scope)

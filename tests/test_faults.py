@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,145 @@ def test_random_mixing_cache_is_bounded_by_memory(monkeypatch):
     x = torch.randn(1, 40, 40, 2)
     expected = resample_mixing_matrix(mixer.random_matrix, (40, 40)) @ x.reshape(1, 1600, 2)
     torch.testing.assert_close(mixer(x), expected.reshape(1, 40, 40, 2))
+
+
+# --- round two ---------------------------------------------------------------------------------
+
+def test_wide_views_are_refused_in_bounded_memory(tmp_path):
+    """2: a neck tensor that views 4 bytes through stride 0 as 3e9 values, in a whole-model
+    file for the converter (which has no neck to check its shape against)."""
+    from test_checkpoints import source, to_official
+    from test_trust import bounded
+    state = {f'backbone.{k}': v for k, v in to_official(source('poolformer_s12')[1],
+                                                         v1=True).items()
+             if not k.startswith(('norm.', 'head.'))}  # a detector's backbone
+    state['neck.lateral_convs.0.conv.weight'] = torch.zeros(1).expand(3 * 10**9)
+    path = tmp_path / 'mask_rcnn_poolformer_s12.pth'
+    torch.save(dict(state_dict=state), path)
+    answer, seconds, memory = bounded('from convert_checkpoint import convert\n    '
+                                      'convert(sys.argv[1], sys.argv[2])', path,
+                                      tmp_path / 'out.pth')
+    assert answer.startswith(f'refused: {path}') and 'neck.lateral_convs.0.conv.weight: ' \
+        '3000000000 values declared over 1 stored' in answer, answer
+    assert seconds < 10 and memory < 500 * 2**20 and not (tmp_path / 'out.pth').exists()
+
+
+def test_downloads_write_only_their_cache_entry(served, tmp_path):
+    """5: a legacy-zip archive whose member is named like another URL's cache entry."""
+    from mmmetaformer.checkpoints import url_cache_name
+    folder, url = served
+    honest, planted = _state(), {k: torch.zeros_like(v) for k, v in _state().items()}
+    torch.save(dict(state_dict=honest), folder / 'victim.pth')
+    torch.save(dict(state_dict=planted), tmp_path / 'planted.pth')
+    with zipfile.ZipFile(folder / 'attack.zip', 'w') as archive:
+        archive.write(tmp_path / 'planted.pth', url_cache_name(f'{url}/victim.pth'))
+    with pytest.raises(CheckpointError, match=f'cannot read {url}/attack.zip'):
+        CheckpointLoader.load_checkpoint(f'{url}/attack.zip')
+    assert [p.name for p in (tmp_path / 'hub' / 'checkpoints').iterdir()] == [
+        url_cache_name(f'{url}/attack.zip')]
+    loaded = CheckpointLoader.load_checkpoint(f'{url}/victim.pth')['state_dict']
+    assert all(v.equal(honest[k]) for k, v in loaded.items())
+
+
+@pytest.mark.parametrize('pointer', ['', 'elsewhere/iter_9.pth'], ids=['empty', 'stale'])
+def test_resume_survives_an_empty_or_stale_pointer(two_checkpoints, pointer):
+    """6: a kill while mmengine rewrote last_checkpoint left it empty (or it names a file
+    that is gone): resume from the newest intact checkpoint in the work dir."""
+    (two_checkpoints / 'iter_2.pth').unlink()
+    (two_checkpoints / 'last_checkpoint').write_text(pointer and str(two_checkpoints / pointer))
+    runner = _runner(two_checkpoints, 3, resume=True)
+    runner.train()
+    assert runner.iter == 3 and 'resumed epoch: 0, iter: 1' in _log(two_checkpoints)
+
+
+def test_last_checkpoint_is_replaced_not_rewritten(tmp_path):
+    """6: the pointer file is a new file each time (written whole, then renamed)."""
+    pointer = tmp_path / 'last_checkpoint'
+    pointer.write_text('')
+    inode = pointer.stat().st_ino
+    _runner(tmp_path, 2).train()
+    assert pointer.stat().st_ino != inode and pointer.read_text() == str(tmp_path / 'iter_2.pth')
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith('.tmp')]
+
+
+def test_resume_takes_runner_checkpoints_only(two_checkpoints):
+    """12: beside the damaged latest, a newer non-Runner file (converted weights) and the
+    temporary file of a killed best-checkpoint save."""
+    torch.save(dict(state_dict=_state()), two_checkpoints / 'converted.pth')
+    stale = two_checkpoints / '.best_accuracy_iter_1.pth.999999.tmp'
+    stale.write_bytes(b'half a checkpoint')
+    runner = _runner(two_checkpoints, 3, resume=True)
+    runner.train()
+    assert runner.iter == 3 and 'resumed epoch: 0, iter: 1' in _log(two_checkpoints)
+    assert not stale.exists()
+
+
+# --- round two, 9: errors that name the file and the problem -----------------------------------
+
+def test_truncated_file_through_load_from(tmp_path):
+    path = tmp_path / 'iter_1.pth'
+    torch.save(dict(state_dict=_state()), path)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f'cannot read {path}: .*may be truncated'):
+        CheckpointLoader.load_checkpoint(str(path))
+
+
+def test_numpy_shape_of_65_dims(tmp_path):
+    from test_trust import _array
+    import numpy as np
+    path = tmp_path / 'dims.pth'
+    torch.save(dict(meta=dict(x=_array(np.dtype('f4'), b'\0' * 4, (1, ) * 65))), path)
+    with pytest.raises(CheckpointError, match='a numpy array of 65 dimensions'):
+        read_checkpoint(str(path))
+
+
+FULL_DISK = '''
+import resource, sys, torch
+import mmmetaformer
+from mmengine.runner import save_checkpoint
+resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, resource.RLIM_INFINITY))  # ulimit -f 1024
+try:
+    save_checkpoint(dict(w=torch.zeros(2 ** 20)), sys.argv[1])
+except OSError as err:
+    print(err)
+'''
+
+
+def test_failed_save_names_the_file(tmp_path):
+    path = tmp_path / 'iter_2.pth'
+    torch.save(dict(w=torch.ones(2)), path)
+    run = subprocess.run([sys.executable, '-c', FULL_DISK, str(path)], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith(f'cannot save checkpoint {path}: '), run.stdout
+    assert torch.load(path, weights_only=True)['w'].equal(torch.ones(2))  # the old one stays
+    assert [p.name for p in tmp_path.iterdir()] == ['iter_2.pth']
+
+
+def test_unknown_layout_in_the_converter_names_the_file(tmp_path):
+    from test_checkpoints import convert_tool
+    path = tmp_path / 'other.pth'
+    torch.save({'encoder.weight': torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match=f'{path}: unrecognised checkpoint layout'):
+        convert_tool.convert(str(path), str(tmp_path / 'out.pth'))
+
+
+def test_state_dict_that_is_a_list(tmp_path):
+    from mmengine.runner import load_checkpoint
+    path = tmp_path / 'list.pth'
+    torch.save(dict(state_dict=[torch.zeros(1)]), path)
+    model = torch.nn.Module()
+    model.backbone = PoolFormerV2(arch=TINY)
+    with pytest.raises(CheckpointError, match=f"{path}: its 'state_dict' is a list"):
+        load_checkpoint(model, str(path))  # load_from, tools/test.py
+    with pytest.raises(CheckpointError, match=f"{path}: its 'state_dict' is a list"):
+        load_pretrained(PoolFormerV2(arch=TINY), str(path))
+
+
+def test_nested_tensor(tmp_path):
+    state = _state()
+    state['stem.conv.bias'] = torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
+    path = tmp_path / 'nested.pth'
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=f'{path}: stem.conv.bias is a nested tensor'):
+        load_pretrained(PoolFormerV2(arch=TINY), str(path))

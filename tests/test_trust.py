@@ -4,9 +4,11 @@ import ast
 import collections
 import datetime
 import itertools
+import os
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -239,9 +241,19 @@ def test_resume_still_checks_gpu_ids(honest, tmp_path):
     ('gpu_ids = [0, 1]\nx = 1', 'gpu_ids = [0, 1]\n'), ('gpu_ids = range(4)', 'gpu_ids = [0, 1, '
                                                         '2, 3]\n'),
     ("gpu_ids = __import__('os').getpid()", ''), ('gpu_ids = range(10**9)', ''),
-    ('not python (', ''), (None, '')])
+    ('not python (', ''), (None, ''), ('-' * 10**6 + '1', ''), ('x = a' + '.b' * 10**6, '')],
+    ids=['list', 'range', 'call', 'huge-range', 'syntax', 'none', 'parser-memory', 'recursion'])
 def test_inert_config(text, expected):
     assert trust.inert_config(text) == expected
+
+
+def test_resume_with_a_config_the_parser_cannot_hold(honest, tmp_path):
+    """9: text in meta['config'] on which ``ast.parse`` runs out of memory."""
+    honest['meta']['config'] = '-' * 10**6 + '1'
+    torch.save(honest, tmp_path / 'iter_2.pth')
+    runner = _runner(tmp_path, 3, resume=True, load_from=str(tmp_path / 'iter_2.pth'))
+    runner.train()
+    assert runner.iter == 3
 
 
 # --- 6: files that are no checkpoints, and the re-save command ------------------------------
@@ -277,3 +289,125 @@ def test_resave_command_quotes_the_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(code, {})  # what python -c would run: re-saves the tensors (the file is ours)
     assert torch.load(tmp_path / 'converted.pth')['w'].equal(torch.ones(2))
+
+
+# --- round two, 1: files whose repr or hash is exponential ---------------------------------
+
+def _shared(levels, make=lambda x: [x, x]):
+    """2 ** levels leaves in a few hundred bytes of pickle: each level holds the last twice."""
+    x = 0
+    for _ in range(levels):
+        x = make(x)
+    return x
+
+
+BOUNDED = '''
+import resource, sys, time
+sys.path.insert(0, {tools!r})
+from mmmetaformer.checkpoints import CheckpointError, read_checkpoint
+vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2 ** 31, resource.RLIM_INFINITY))  # a safety net
+before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
+try:
+    {call}
+    print('done')
+except CheckpointError as err:
+    print('refused:', ' '.join(str(err).split())[:600])
+print(time.time() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+'''
+
+
+def bounded(call, *args, timeout=120):
+    """(the answer, seconds, bytes of memory) of running ``call`` (Python code, on
+    ``sys.argv``) in a subprocess whose address space is capped at 2 GiB over its imports."""
+    code = BOUNDED.format(tools=str(ROOT / 'tools'), call=call)
+    run = subprocess.run([sys.executable, '-c', code, *map(str, args)], capture_output=True,
+                         text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert run.returncode == 0, run.stderr[-2000:]
+    answer, figures = run.stdout.splitlines()[-2:]
+    seconds, memory = map(float, figures.split())
+    return answer, seconds, memory
+
+
+@pytest.mark.parametrize('payload', [
+    lambda: _array(np.dtype('f4'), _shared(32)),  # an array whose data is the bomb
+    lambda: _Reduces(np.dtype, _shared(60, lambda x: (x, x))),  # dtype arguments, hashed
+    lambda: _Reduces(np._core.multiarray.scalar, (_shared(32),)),
+    lambda: _Reduces(getattr, (_shared(32), 'min')),
+    lambda: _Reduces(HistoryBuffer, ()),  # its state below
+], ids=['array-state', 'dtype-hash', 'scalar', 'getattr', 'history-buffer'])
+def test_exponential_data_is_refused_in_bounded_time_and_memory(tmp_path, payload):
+    value = payload()
+    if isinstance(value, _Reduces) and value.reduce[0] is HistoryBuffer:
+        value = _Reduces(HistoryBuffer, (), _shared(32))
+    path = tmp_path / 'bomb.pth'
+    torch.save(dict(state_dict={'w': torch.zeros(2)}, meta=dict(x=value)), path)
+    assert path.stat().st_size < 2048
+    answer, seconds, memory = bounded('read_checkpoint(sys.argv[1])', path)
+    assert answer.startswith(f'refused: refused to load {path}'), answer
+    assert seconds < 10 and memory < 500 * 2**20
+
+
+# --- round two, 7: stand-ins where the walk did not look ------------------------------------
+
+def _with_metadata():
+    state = collections.OrderedDict(w=torch.zeros(1))
+    state._metadata = {'': dict(version=np.int64(2))}
+    return state
+
+
+def _with_attribute(cls):
+    t = cls(torch.zeros(2))
+    t.scale = np.float32(3)
+    return dict(t=t)
+
+
+@pytest.mark.parametrize('payload,built', [
+    ({(np.float32(1), ): 'x'}, None),
+    ({'s': {(np.float32(1), )}}, None),
+    ({(_array(FORGED_DTYPE, b'A' * 8), ): 'x'}, None),
+    (_with_metadata(), lambda state: state._metadata['']['version']),
+    (_with_attribute(torch.Tensor), lambda state: state['t'].scale),
+    (_with_attribute(nn.Parameter), lambda state: state['t'].scale)],
+    ids=['tuple-key', 'nested-set', 'forged-dtype-in-key', 'metadata', 'tensor', 'parameter'])
+def test_no_stand_in_leaks(tmp_path, payload, built):
+    """Every record is checked, then built or refused: re-saving what was read writes only
+    what torch and numpy would (torch lists the globals a file needs)."""
+    path = tmp_path / 'file.pth'
+    torch.save(payload, path)
+    if built is None:
+        with pytest.raises(CheckpointError, match='refusing numpy'):
+            read_checkpoint(path)
+        return
+    got = read_checkpoint(path)
+    assert type(built(got)) is type(built(payload)) and built(got) == built(payload)
+    torch.save(got, tmp_path / 'again.pth')
+    needed = torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / 'again.pth')
+    assert not [name for name in needed if 'mmmetaformer' in name], needed
+
+
+# --- round two, 8: the stand-ins are bound for one load, not for the process ---------------
+
+def test_other_threads_get_torchs_answer(tmp_path):
+    """While a checkpoint is read, a plain ``torch.load(weights_only=True)`` in another thread
+    is refused numpy data, as torch refuses it at any other time."""
+    path = _save(tmp_path / 'numpy.pth', meta=dict(x=np.float32(1.5)))
+    answers = []
+
+    def plain_load():
+        try:
+            answers.append(torch.load(path, weights_only=True))
+        except pickle.UnpicklingError as err:
+            answers.append(err)
+
+    plain_load()  # torch's own answer
+    assert isinstance(answers[0], pickle.UnpicklingError) and 'numpy' in str(answers.pop())
+
+    def load_meanwhile():
+        thread = threading.Thread(target=plain_load)
+        thread.start()
+        thread.join()
+        return torch.load(path, weights_only=True)
+
+    assert trust.inert(load_meanwhile, str(path))['meta']['x'] == np.float32(1.5)
+    assert isinstance(answers[0], pickle.UnpicklingError) and 'numpy' in str(answers[0])
