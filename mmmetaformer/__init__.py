@@ -3,7 +3,6 @@ from . import patches, requirements
 
 requirements.check()
 patches.apply()  # the listed changes to mmengine/mmcv/mmpretrain (mmmetaformer.patches)
-requirements.register_config_scope()  # _base_ = 'mmmetaformer::coco/...'
 
 from .registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS  # noqa: E402
 from . import engine, models  # noqa: F401,E402  (registers the modules)

@@ -11,6 +11,7 @@ import contextvars
 import functools
 import glob
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -39,9 +40,33 @@ def _patch(owner, name, wrapper, *, classmethod_=False):
     setattr(owner, name, classmethod(new) if classmethod_ else new)
 
 
-def _at_most(package: str, version: str) -> bool:
-    from mmengine.utils import digit_version
-    return digit_version(importlib.import_module(package).__version__) <= digit_version(version)
+def _calls(func_path: str, text: str) -> bool:
+    """Whether the source of ``module:attr.attr`` contains ``text``; True when it cannot be read
+    (then the fix stays on). Used where the failing behaviour needs a GPU-less process group or a
+    whole Runner to show."""
+    import inspect
+    module, _, attrs = func_path.partition(':')
+    try:
+        obj = importlib.import_module(module)
+        for attr in attrs.split('.'):
+            obj = getattr(obj, attr)
+        return text in inspect.getsource(obj)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return True
+
+
+def _empty_image_unnamed() -> bool:
+    """Whether mmcv's ``LoadImageFromFile`` fails on a 0-byte image without naming it."""
+    import tempfile
+    from mmcv.transforms import LoadImageFromFile
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'empty.png')
+        open(path, 'wb').close()
+        try:
+            LoadImageFromFile()(dict(img_path=path))
+        except Exception as err:
+            return path not in str(err)
+    return False
 
 
 # --- safe-load: mmengine reads checkpoints by the trust rule --------------------------------
@@ -420,6 +445,24 @@ def _apply_empty_image_name():
     _patch(LoadImageFromFile, 'transform', _empty_image_wrapper)
 
 
+# --- config-scope: ``_base_ = 'mmmetaformer::coco/...'`` -----------------------------------
+# mmengine reads such a base from ``<package>/.mim/configs`` and finds the package through
+# ``MODULE2PACKAGE``. The value is a module of the package, not the distribution name:
+# mmengine <= 0.10.7 looks a distribution up in site-packages, where an editable install
+# (PEP 660) has no files, while a module is found where it is imported from.
+
+def _apply_config_scope():
+    from mmengine.config import utils
+    utils.MODULE2PACKAGE.setdefault('mmmetaformer', 'mmmetaformer.registry')
+    # mmengine finds mmseg's configs (``mmseg::``) through the distribution mmsegmentation;
+    # the fork installs the module as onedl-mmsegmentation, which the module name finds
+    try:
+        importlib.metadata.distribution(utils.MODULE2PACKAGE['mmseg'])
+    except importlib.metadata.PackageNotFoundError:
+        if importlib.util.find_spec('mmseg') is not None:
+            utils.MODULE2PACKAGE['mmseg'] = 'mmseg'
+
+
 class Patch(NamedTuple):
     name: str  # for MMMETAFORMER_DISABLE_PATCHES
     replaces: str
@@ -429,25 +472,32 @@ class Patch(NamedTuple):
 
 #: Every global change, in the order applied; the comment above each ``_apply_*`` says why.
 PATCHES = (
+    # The trust rule and crash safety: no mmengine release (upstream 0.10.7, onedl 0.10.12,
+    # which even retries a refused load with weights_only=False) provides them, so they are on
+    # unless turned off.
     Patch('safe-load', 'mmengine CheckpointLoader.load_checkpoint, checkpoint.load_url',
-          lambda: _at_most('mmengine', '0.10.7'), _apply_safe_load),
+          lambda: True, _apply_safe_load),
     Patch('inert-config', 'mmengine Runner.load_checkpoint',
-          lambda: _at_most('mmengine', '0.10.7'), _apply_inert_config),
+          lambda: _calls('mmengine.runner:Runner.resume', 'fromstring'), _apply_inert_config),
     Patch('crash-safe-saves', 'mmengine save_checkpoint (3 names), CheckpointHook.'
           '_save_checkpoint_with_step/_save_best_checkpoint, hooks.checkpoint_hook.open',
-          lambda: _at_most('mmengine', '0.10.7'), _apply_crash_safe_saves),
+          lambda: True, _apply_crash_safe_saves),
     Patch('intact-resume', 'mmengine Runner.resume, runner.find_latest_checkpoint',
-          lambda: _at_most('mmengine', '0.10.7'), _apply_intact_resume),
+          lambda: True, _apply_intact_resume),
     Patch('dense-checkpoints', 'mmengine _load_checkpoint, _load_checkpoint_to_model '
           '(checkpoint and runner modules)', lambda: True, _apply_dense_checkpoints),
     Patch('cpu-distributed', 'mmengine dist.utils._init_dist_pytorch, '
-          'MMDistributedDataParallel.__init__', lambda: _at_most('mmengine', '0.10.7'),
+          'MMDistributedDataParallel.__init__',
+          lambda: _calls('mmengine.dist.utils:_init_dist_pytorch', 'set_device'),
           _apply_cpu_distributed),
     Patch('retrieval-in1d', "mmpretrain evaluation.metrics.retrieval's numpy namespace",
           lambda: not hasattr(np, 'in1d') and importlib.util.find_spec('mmpretrain') is not None,
           _apply_retrieval_in1d),
-    Patch('empty-image-name', 'mmcv LoadImageFromFile.transform',
-          lambda: _at_most('mmcv', '2.2.0'), _apply_empty_image_name),
+    Patch('empty-image-name', 'mmcv LoadImageFromFile.transform', _empty_image_unnamed,
+          _apply_empty_image_name),
+    Patch('config-scope', "mmengine config.utils.MODULE2PACKAGE: 'mmmetaformer' (and 'mmseg' "
+          'where only the fork provides it)',
+          lambda: True, _apply_config_scope),
 )
 
 

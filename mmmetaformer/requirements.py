@@ -5,8 +5,6 @@ the same modules under different distribution names, so the requirement is on th
 the module that imports, checked when mmmetaformer is imported rather than by pip.
 """
 import importlib
-import importlib.metadata
-import importlib.util
 
 # module: (lowest accepted version, first version not accepted, the distributions providing it)
 REQUIRED = {
@@ -31,21 +29,3 @@ def check():
                               f'{dists}); this environment has {module} {version} at '
                               f'{importlib.import_module(module).__file__}. {_HOW}')
 
-
-def register_config_scope():
-    """Let configs anywhere inherit ``_base_ = 'mmmetaformer::coco/...'`` as ``mmdet::``.
-
-    mmengine reads such a base from ``<package>/.mim/configs`` and finds the package through
-    ``MODULE2PACKAGE``. The value is a module of the package, not the distribution name:
-    mmengine <= 0.10.7 looks a distribution up in site-packages, where an editable install
-    (PEP 660) has no files, while a module is found where it is imported from.
-    """
-    from mmengine.config import utils
-    utils.MODULE2PACKAGE.setdefault('mmmetaformer', 'mmmetaformer.registry')
-    # mmengine finds mmseg's configs (``mmseg::``) through the distribution mmsegmentation;
-    # the fork installs the module as onedl-mmsegmentation, which the module name finds
-    try:
-        importlib.metadata.distribution(utils.MODULE2PACKAGE['mmseg'])
-    except importlib.metadata.PackageNotFoundError:
-        if importlib.util.find_spec('mmseg') is not None:
-            utils.MODULE2PACKAGE['mmseg'] = 'mmseg'
