@@ -2,6 +2,7 @@
 ``--debug`` / MMMETAFORMER_DEBUG=1), no known third-party warnings (and only those hidden),
 and the shell launchers finding the project environment by themselves."""
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -150,29 +151,10 @@ def test_dist_launcher_finds_the_project_environment():
 
 
 # The Python API example of the docs, as a user pastes it after `make demo`.
-API_EXAMPLE = """\
-import warnings
-# notices of the pinned stack at import (setuptools for mmengine, torch.jit for mmcv)
-warnings.filterwarnings('ignore', '(pkg_resources|`torch.jit.interface`) is deprecated')
-
-import mmcv
-from mmdet.apis import inference_detector, init_detector
-from mmdet.registry import VISUALIZERS
-
-image = 'data/demo/coco/val2017/000000000001.png'
-model = init_detector('configs/demo/caformer_s18_maskrcnn_demo.py',
-                      'work_dirs/demo/epoch_3.pth', device='cpu')  # or 'cuda:0'
-result = inference_detector(model, image)
-pred = result.pred_instances[result.pred_instances.scores >= 0.5]
-print(pred.bboxes, pred.labels, pred.masks.shape)  # x1 y1 x2 y2 pixels, class ids, (N, H, W) masks
-print([model.dataset_meta['classes'][i] for i in pred.labels])
-
-# draw boxes, class names, scores and masks with the config's visualizer
-visualizer = VISUALIZERS.build(dict(model.cfg.visualizer, vis_backends=None))
-visualizer.dataset_meta = model.dataset_meta
-visualizer.add_datasample('result', mmcv.imread(image, channel_order='rgb'), result,
-                          draw_gt=False, pred_score_thr=0.5, out_file='result.png')
-"""
+def readme_api_example() -> str:
+    """The README's Python API example (the first Python block under "### Inference")."""
+    section = (ROOT / 'README.md').read_text().split('### Inference', 1)[1]
+    return re.search(r'```python\n(.*?)```', section, re.S)[1]
 
 
 def test_python_api_example_draws_quietly(tmp_path):
@@ -193,7 +175,7 @@ def test_python_api_example_draws_quietly(tmp_path):
     meta = dict(dataset_meta=dict(classes=('circle', 'square', 'triangle')))  # as training saves
     torch.save(dict(state_dict=model.state_dict(), meta=meta),
                tmp_path / 'work_dirs/demo/epoch_3.pth')
-    proc = subprocess.run([sys.executable, '-c', API_EXAMPLE], cwd=tmp_path, env=ENV,
+    proc = subprocess.run([sys.executable, '-c', readme_api_example()], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert 'arning' not in proc.stderr + proc.stdout, proc.stderr
