@@ -250,7 +250,7 @@ def test_train_amp_demo_maskrcnn(tmp_path):
     """``tools/train.py --amp`` trains the demo Mask R-CNN on CPU for one epoch: bfloat16
     autocast (logged, with a warning where the CPU emulates bfloat16), finite losses at every
     iteration, and a bbox mAP above 0."""
-    from mmmetaformer.demo_data import write_coco_demo
+    from demo_data import write_coco_demo
     coco = tmp_path / 'coco'
     # small: without native bfloat16 (AVX512-BF16, AMX) the CPU emulates it, 10-40x slower
     write_coco_demo(str(coco), num_train=NUM_TRAIN, num_val=8, image_size=(128, 96))

@@ -22,7 +22,7 @@ from timm.models.metaformer import GroupNorm1NoBias
 from timm.models.metaformer import MetaFormer as TimmMetaFormer
 
 import mmmetaformer  # noqa: F401
-from mmmetaformer.demo_data import write_imagenet_demo
+from demo_data import write_imagenet_demo
 from mmmetaformer.models import ARCHS
 
 import convert_checkpoint as convert_tool  # tools/ is on sys.path (setup.cfg)

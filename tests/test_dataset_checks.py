@@ -9,7 +9,7 @@ import pytest
 from mmengine.config import Config
 
 from mmmetaformer.dataset_checks import check_dataset
-from mmmetaformer.demo_data import write_ade20k_demo, write_coco_demo, write_imagenet_demo
+from demo_data import write_ade20k_demo, write_coco_demo, write_imagenet_demo
 
 HINT = "(see README, 'Prepare datasets')"
 

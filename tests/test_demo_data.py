@@ -11,8 +11,8 @@ from pycocotools import mask as mask_utils
 from mmengine.registry import DefaultScope
 from pycocotools.coco import COCO
 
-from mmmetaformer import demo_data
-from mmmetaformer.demo_data import (ADE20K_LABELS, COCO_CLASSES, IMAGENET_CLASSES,
+import demo_data
+from demo_data import (ADE20K_LABELS, COCO_CLASSES, IMAGENET_CLASSES,
                                              IMAGENET_WNIDS, write_ade20k_demo, write_all,
                                              write_coco_demo, write_imagenet_demo)
 

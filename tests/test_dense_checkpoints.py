@@ -290,7 +290,7 @@ def test_tools_test_with_original_and_converted_files(tmp_path):
     """tools/test.py on the demo data takes the official RetinaNet file (converted in memory,
     one log line) and its conversion, with the same detections."""
     import pickle
-    from mmmetaformer.demo_data import write_coco_demo
+    from demo_data import write_coco_demo
     write_coco_demo(str(tmp_path / 'coco'), num_train=1, num_val=2)
     config = tmp_path / 'retinanet_demo.py'
     config.write_text(DEMO_CONFIG.format(config=ROOT / RETINANET, data=tmp_path))

@@ -18,7 +18,7 @@ ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('mmdet')
 
 import export_onnx as export_tool  # noqa: E402
-from mmmetaformer.demo_data import write_coco_demo  # noqa: E402
+from demo_data import write_coco_demo  # noqa: E402
 from mmmetaformer.deploy import build_exportable, export_onnx  # noqa: E402
 from mmmetaformer.deploy_detector import (compare_detections, mmdet_predict,  # noqa: E402
                                           onnx_detections, preprocess_images)

@@ -27,7 +27,7 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
 import mmmetaformer  # noqa: F401
-from mmmetaformer.demo_data import write_all
+from demo_data import write_all
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r'(?:<!-- snippet-test: (?P<tag>[^>]*?) -->\n\s*)?```python\n(?P<code>.*?)```',

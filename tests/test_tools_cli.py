@@ -55,7 +55,7 @@ def test_missing_checkpoint_of_test_py(tmp_path):
 @pytest.mark.parametrize('option', ['load_from', '--resume'])
 def test_missing_load_from_or_resume_file_of_train_py(tmp_path, option):
     """Named before the runner is built (its build output is hundreds of lines)."""
-    from mmmetaformer.demo_data import write_coco_demo
+    from demo_data import write_coco_demo
     data = tmp_path / 'coco'
     write_coco_demo(str(data), num_train=1, num_val=1, image_size=(96, 64))
     missing = tmp_path / 'epoch_12.pth'
@@ -72,7 +72,7 @@ def test_missing_load_from_or_resume_file_of_train_py(tmp_path, option):
     (DET, ["mmdet's DetTTAModel merges boxes only"]),
     ('configs/demo/caformer_s18_imagenet_demo.py', ['--tta needs tta_model and tta_pipeline'])])
 def test_tta_where_the_config_allows(tmp_path, config, words):
-    from mmmetaformer.demo_data import write_coco_demo, write_imagenet_demo
+    from demo_data import write_coco_demo, write_imagenet_demo
     data = tmp_path / 'data'
     if config == DET:
         write_coco_demo(str(data), num_train=1, num_val=1, image_size=(96, 64))
@@ -98,7 +98,7 @@ def test_infer_checks_files_before_building(tmp_path):
 
 
 def test_damaged_annotation_file_in_train_py(tmp_path):
-    from mmmetaformer.demo_data import write_coco_demo
+    from demo_data import write_coco_demo
     data = tmp_path / 'coco'
     write_coco_demo(str(data), num_train=2, num_val=1, image_size=(96, 64))
     annotations = data / 'annotations' / 'instances_train2017.json'
@@ -109,7 +109,7 @@ def test_damaged_annotation_file_in_train_py(tmp_path):
     assert 'ValueError' not in proc.stderr
 
 def test_classes_missing_from_the_annotation_file_in_train_py(tmp_path):
-    from mmmetaformer.demo_data import write_coco_demo
+    from demo_data import write_coco_demo
     data = tmp_path / 'coco'
     write_coco_demo(str(data), num_train=2, num_val=1, image_size=(96, 64))
     proc = tool('tools/train.py', DET, '--work-dir', str(tmp_path / 'work'), '--cfg-options',
@@ -120,7 +120,7 @@ def test_classes_missing_from_the_annotation_file_in_train_py(tmp_path):
 
 
 def test_failed_pretrained_download_in_train_py(tmp_path):
-    from mmmetaformer.demo_data import write_coco_demo
+    from demo_data import write_coco_demo
     data = tmp_path / 'coco'
     write_coco_demo(str(data), num_train=2, num_val=1, image_size=(96, 64))
     url = 'http://127.0.0.1:9/caformer_s18.pth'  # the discard port: refused at once
@@ -164,7 +164,7 @@ def test_python_api_example_draws_quietly(tmp_path):
     import torch
     from mmengine.config import Config
     from mmengine.registry import MODELS, DefaultScope
-    from mmmetaformer.demo_data import write_coco_demo
+    from demo_data import write_coco_demo
     write_coco_demo(str(tmp_path / 'data/demo/coco'), num_train=1, num_val=1)
     (tmp_path / 'configs').symlink_to(ROOT / 'configs')
     cfg = Config.fromfile(str(ROOT / DET))

@@ -13,7 +13,7 @@ from mmengine.structures import InstanceData
 ROOT = Path(__file__).resolve().parents[1]
 import demo  # noqa: E402
 
-from mmmetaformer.demo_data import COCO_CLASSES, write_coco_demo  # noqa: E402
+from demo_data import COCO_CLASSES, write_coco_demo  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -91,7 +91,7 @@ def test_imagenet_demo_config_trains_on_the_demo_data(tmp_path):
     from mmengine.registry import DefaultScope
     from mmpretrain.registry import DATASETS, MODELS
 
-    from mmmetaformer.demo_data import IMAGENET_CLASSES, write_imagenet_demo
+    from demo_data import IMAGENET_CLASSES, write_imagenet_demo
     write_imagenet_demo(str(tmp_path), num_train_per_class=1, num_val_per_class=1)
     cfg = Config.fromfile(str(ROOT / 'configs/demo/caformer_s18_imagenet_demo.py'))
     torch.manual_seed(0)

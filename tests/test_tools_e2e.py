@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mmmetaformer.demo_data import write_ade20k_demo, write_coco_demo
+from demo_data import write_ade20k_demo, write_coco_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 DET = 'configs/demo/caformer_s18_maskrcnn_demo.py'

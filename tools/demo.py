@@ -156,7 +156,7 @@ def main():
     os.makedirs(work_dir, exist_ok=True)
     start = time.time()
 
-    from mmmetaformer.demo_data import write_all
+    from demo_data import write_all
     say(f'writing the demo datasets under {DATA_ROOT}')
     for name, path in write_all(osp.join(ROOT, DATA_ROOT)).items():
         say(f'  {name}: {osp.relpath(path, ROOT)}')

@@ -8,7 +8,7 @@ import argparse
 
 from common import add_debug_arg, run_tool
 
-from mmmetaformer.demo_data import write_all
+from demo_data import write_all
 
 
 def main():
