@@ -20,11 +20,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from torch.nn.modules.utils import _pair
 
 from .checkpoints import (CheckpointError, convert_to_canonical, detect_format,
                           load_checkpoint_file, load_pretrained)
+from .deploy_detector import DETECTOR_MIN_OPSET, DetectorGraph, ExportError
 from .models import ARCHS, MetaFormer
 from .models.layers import (GroupNorm1, Mlp, PointwiseLinear, SquaredReLU, StarReLU,
                             folded_star_relu_params)
@@ -43,10 +43,6 @@ MIN_SIDE, MAX_SIDE = 32, 4096
 #: The test pipeline's geometric steps a runtime repeats, and their settings.
 RESIZE_STEPS = ('Resize', 'ResizeEdge', 'CenterCrop')
 RESIZE_KEYS = ('type', 'scale', 'keep_ratio', 'edge', 'crop_size')
-
-
-class ExportError(ValueError):
-    """A config, part or option that cannot be exported."""
 
 
 # --- export forms --------------------------------------------------------------------------
@@ -396,7 +392,6 @@ def build_exportable(config: str, checkpoint: Optional[str] = None,
                      'exported graph is whole-image inference')
     model.cfg = cfg  # as mmdet's init_detector sets it
     if part == 'detector':
-        from .deploy_detector import DetectorGraph
         module = DetectorGraph(model.eval())
     else:
         module = model.backbone if part == 'backbone' else model
@@ -443,7 +438,6 @@ def export_onnx(exportable: Exportable, out: str, shape=(224, 224), dynamic: boo
     ``dynamic`` N, H and W are free, a detector's N stays 1) with ``metadata`` (values other
     than strings as JSON), and return the output names."""
     import onnx
-    from .deploy_detector import DETECTOR_MIN_OPSET
     if opset < MIN_OPSET:
         raise ExportError(f'opset {opset} < {MIN_OPSET}: scaled_dot_product_attention and '
                           'the other ops need opset >= 14 (17 or more recommended)')

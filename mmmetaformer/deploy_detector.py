@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import nms, roi_align
 
-from .deploy import ExportError
+
+class ExportError(ValueError):
+    """A config, part or option that cannot be exported."""
+
 
 #: opset of RoiAlign's half_pixel mode and of GridSample
 DETECTOR_MIN_OPSET = 16
