@@ -220,7 +220,7 @@ def test_onnx_infer_matches_infer_py(demo, tmp_path, capsys):
     printed = onnx_infer(path, *images, '--out-dir', tmp_path / 'onnx')
     capsys.readouterr()
     for image in images:
-        infer.main([image, DEMO, checkpoint, '--out', str(tmp_path / 'torch.png')])
+        infer.main([image, DEMO, '--weights', checkpoint, '--out-dir', str(tmp_path / 'torch')])
     expected = capsys.readouterr().out
     def counts(text):  # '<image>: N detections scoring >= 0.3 -> <picture>' lines
         return [line.split(': ')[1].split()[0] for line in text.splitlines()
