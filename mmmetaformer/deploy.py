@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from .checkpoints import (CheckpointError, convert_to_canonical, detect_format,
+from .checkpoints import (CheckpointError, convert_to_canonical, detect_format, first,
                           load_checkpoint_file, load_pretrained)
 from .deploy_detector import DETECTOR_MIN_OPSET, DetectorGraph, ExportError
 from .models import ARCHS, MetaFormer
@@ -288,11 +288,9 @@ def _load_model_weights(model: nn.Module, checkpoint: str):
         raise CheckpointError(f'{checkpoint} does not fit the config: '
                               f'{str(err).splitlines()[-1].strip()}') from None
     if missing or unexpected:
-        def show(keys):
-            return ', '.join(keys[:3]) + (f', ... ({len(keys)} in all)' if len(keys) > 3 else '')
         raise CheckpointError(
             f'{checkpoint} does not fit the config: '
-            + '; '.join(f'{what} {show(keys)}' for what, keys in
+            + '; '.join(f'{what} {first(keys, 3)}' for what, keys in
                         (('missing', missing), ('unexpected', unexpected)) if keys)
             + ' (for an ImageNet backbone file use --part backbone or a backbone name)')
 

@@ -22,7 +22,8 @@ def parse_args():
                         'SHOW_DIR/vis_data/vis_image)')
     parser.add_argument('--tta', action='store_true', help="test-time augmentation with the "
                         "config's tta_model and tta_pipeline (mmseg's dataset configs define "
-                        "them; a detector config can inherit e.g. mmdet::retinanet/retinanet_tta.py)")
+                        'them; a detector config can inherit e.g. '
+                        'mmdet::retinanet/retinanet_tta.py)')
     add_common_args(parser)
     return parser.parse_args()
 

@@ -11,6 +11,7 @@ import sys
 from common import add_common_args, build_runner, check_file, finish, load_config, run_tool
 
 import torch
+from mmmetaformer.checkpoints import first
 
 
 def parse_args():
@@ -30,10 +31,10 @@ def parse_args():
 
 def params_without_gradient(model_cfg, scope):
     """Names of the trainable parameters of ``model_cfg``'s backbone (a MetaFormer) and neck
-    that no input of the heads depends on (e.g. a backbone output norm whose level the neck skips with
-    ``start_level``, or that no mmseg head names in ``in_index``). Found by one backward pass
-    of a small zero batch, in eval mode, through ``extract_feat`` and each head's input
-    selection (mmseg ``_transform_inputs``, mmpretrain ``pre_logits``)."""
+    that no input of the heads depends on (e.g. a backbone output norm whose level the neck
+    skips with ``start_level``, or that no mmseg head names in ``in_index``). Found by one
+    backward pass of a small zero batch, in eval mode, through ``extract_feat`` and each head's
+    input selection (mmseg ``_transform_inputs``, mmpretrain ``pre_logits``)."""
     from mmengine.registry import MODELS, DefaultScope
     from mmmetaformer.models import MetaFormer
     with DefaultScope.overwrite_default_scope(scope):  # a copy: mmseg's segmentors edit it
@@ -71,9 +72,8 @@ def let_ddp_skip_unused(cfg):
         return
     wrapper['find_unused_parameters'] = True
     if os.environ.get('RANK', '0') == '0':
-        shown = ', '.join(unused[:4]) + (f' and {len(unused) - 4} more' if len(unused) > 4 else '')
-        print(f'warning: {shown} never get a gradient (the neck or heads skip those backbone '
-              'outputs): DDP runs with find_unused_parameters=True; to drop them instead, '
+        print(f'warning: {first(unused, 4)} never get a gradient (the neck or heads skip those '
+              'backbone outputs): DDP runs with find_unused_parameters=True; to drop them instead, '
               "leave those stages out of the backbone's out_indices and their widths out of "
               "the neck's in_channels (mmdet FPN: start_level=0), or of the heads' in_index",
               file=sys.stderr, flush=True)

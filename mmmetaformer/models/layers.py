@@ -114,9 +114,10 @@ class Mlp(nn.Module):
 
     A StarReLU's scale and bias are applied through ``fc2``'s weights
     (:func:`folded_star_relu_params`): the hidden, four times the block's width, then takes two
-    elementwise passes instead of four forward and three instead of seven backward. In float16 (autocast) ``relu(x) ** 2`` passes
-    65504 once x > 256 while ``fc2``'s output can be small, so there the hidden is scaled down
-    instead (:func:`activate`); the output is returned in the input's dtype.
+    elementwise passes instead of four forward and three instead of seven backward. In float16
+    (autocast) ``relu(x) ** 2`` passes 65504 once x > 256 while ``fc2``'s output can be small,
+    so there the hidden is scaled down instead (:func:`activate`); the output is returned in the
+    input's dtype.
     """
 
     def __init__(self, dim: int, hidden: int, act_layer, bias: bool = True):
