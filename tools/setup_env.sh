@@ -17,6 +17,10 @@
 # mmcv, torch, Python and device (cpu, or cuXY when FORCE_CUDA=1 or a GPU is visible). Their
 # setup.py asks for -std=c++17 (c++14 on old torch); torch 2.14 headers need C++20, so the sdist
 # is patched to -std=c++20. The rest of the stack installs while mmcv builds.
+# Packages are installed with uv (a pinned release, kept in $MMMETAFORMER_CACHE): a cold
+# install of torch and its CUDA libraries takes under half a minute, against about two with
+# pip. uv does not read pip's configuration, so the index, find-links, constraint and
+# certificate settings pip would use (its config files and PIP_* variables) are passed on.
 # On a CUDA machine, FORCE_CUDA=1 builds the CUDA ops even without a visible GPU (e.g. in docker
 # build); set TORCH_CUDA_ARCH_LIST to the target GPUs to shorten the build.
 set -euo pipefail
@@ -46,11 +50,16 @@ PINS="$ROOT/tools/stacks/$STACK.txt"
 MMCV_PIN="$(grep -E '^(onedl-)?mmcv==' "$PINS")"  # e.g. mmcv==2.1.0, built from its sdist
 MMCV_NAME="${MMCV_PIN%%==*}"
 
-# pip, quiet; this machine's pip.conf can name index folders that do not exist, and pip's
-# warning about each (one line per package) is dropped.
+UV_VERSION=0.13.9
+# pip, quiet; a pip.conf can name index folders that do not exist, and pip's warning about
+# each (one line per package) is dropped.
 pip_() {
   "$PY" -m pip --disable-pip-version-check -q "$@" 2>&1 |
     { grep -vE "^WARNING: Location '[^']*' is ignored" || true; }
+}
+# uv pip install into the target environment, with pip's index settings (uv_index_args)
+uv_install() {
+  "$UV" pip install -q --python "$PY" "${uv_index_args[@]}" -c "$PINS" "$@"
 }
 
 active="${VIRTUAL_ENV:-${CONDA_PREFIX:-}}"
@@ -95,8 +104,35 @@ fi
 echo "$STACK" > "$STACK_MARK"
 log "installing the $STACK stack ($PINS) into $TARGET ($("$PY" --version))"
 
+# pip's settings, as uv arguments: each value as pip resolves it (its PIP_* variable, else the
+# site, user, global file); indexes merged as pip merges them
+pip_conf="$("$PY" -m pip config list 2>/dev/null || true)"
+pip_setting() {
+  local scope
+  for scope in ':env:' site user global; do
+    sed -nE "s/^$scope\.$1='(.*)'$/\1/p" <<<"$pip_conf" | grep . && return
+  done
+  return 0
+}
+uv_index_args=(--index-strategy unsafe-best-match)
+for url in $(pip_setting index-url); do uv_index_args+=(--index-url "$url"); done
+for url in $(pip_setting extra-index-url); do uv_index_args+=(--extra-index-url "$url"); done
+for url in $(pip_setting find-links); do uv_index_args+=(--find-links "$url"); done
+for file in $(pip_setting constraint); do uv_index_args+=(--constraints "$file"); done
+cert="$(pip_setting cert)"
+if [[ -n "$cert" ]]; then export SSL_CERT_FILE="$cert"; fi
+
+UV="$CACHE/uv-$UV_VERSION/bin/uv"
+if [[ ! -x "$UV" ]]; then
+  log "installing uv $UV_VERSION into $CACHE"
+  mkdir -p "$CACHE"
+  uv_tmp="$(mktemp -d "$CACHE/.uv-XXXXXX")"
+  pip_ install --target "$uv_tmp" "uv==$UV_VERSION"
+  mv -T "$uv_tmp" "$CACHE/uv-$UV_VERSION" 2>/dev/null || rm -rf "$uv_tmp"  # another run won
+fi
+
 log "installing torch and build tools"
-pip_ install -c "$PINS" torch torchvision "setuptools<81" wheel ninja
+uv_install torch torchvision "setuptools<81" wheel ninja
 
 device_tag="$("$PY" - <<'PY'
 import os, torch
@@ -113,8 +149,7 @@ trap 'rm -rf "$work"' EXIT
 # One resolution for everything but mmcv (which needs nothing of it): it runs while mmcv builds.
 log "installing the rest of the stack and mmmetaformer (editable; log: $work/stack.log)"
 grep -vE '^(onedl-)?mmcv==' "$PINS" > "$work/stack.txt"
-pip_ install -c "$PINS" -r "$work/stack.txt" -e "$ROOT[det,seg,export,tests]" \
-  > "$work/stack.log" 2>&1 &
+uv_install -r "$work/stack.txt" -e "$ROOT[det,seg,export,tests]" > "$work/stack.log" 2>&1 &
 stack_pid=$!
 
 if ! ls "$wheel_dir"/*.whl >/dev/null 2>&1; then
@@ -127,10 +162,11 @@ if ! ls "$wheel_dir"/*.whl >/dev/null 2>&1; then
   # CXXFLAGS replaces Python's compile flags (-g -O3): -O2 without debug information (-g0)
   # gives a 7 MB library instead of 32 MB, and a shorter compile and link.
   export CFLAGS="${CFLAGS:-} -O2 -g0" CXXFLAGS="${CXXFLAGS:-} -O2 -g0"
-  # Most sources begin with #include "pytorch_cpp_helper.hpp", i.e. with torch's headers,
-  # whose parsing is most of each file's compile time. For the CPU build GCC compiles them
-  # once into a precompiled header beside it, used where the flags match (the same as
-  # ninja's below); elsewhere the header is parsed as usual, and -Winvalid-pch says so.
+  # Every source includes pytorch_cpp_helper.hpp, i.e. torch's headers, whose parsing is most
+  # of each file's compile time. For the CPU build GCC compiles it once into a precompiled
+  # header, and every source is made to begin with it (-include): the headers it guards are
+  # then not parsed again, whatever a source includes first. Used where the flags match
+  # (ninja's, below); elsewhere the header is parsed as usual, and -Winvalid-pch says so.
   helper="$src/mmcv/ops/csrc/common/pytorch_cpp_helper.hpp"
   if [[ "$device_tag" == cpu && -f "$helper" ]] &&
      "${CXX:-c++}" --version | grep -q 'Free Software Foundation'; then
@@ -140,7 +176,7 @@ print(" ".join("-I" + p for p in include_paths()))' 2>/dev/null)
     "${CXX:-c++}" $CXXFLAGS -fPIC -std=c++20 -DTORCH_API_INCLUDE_EXTENSION_H \
       -DTORCH_EXTENSION_NAME=_ext -I"$(dirname "$helper")" "${torch_includes[@]}" \
       -x c++-header "$helper" -o "$helper.gch"
-    CXXFLAGS+=" -Winvalid-pch"
+    CXXFLAGS+=" -Winvalid-pch -include $helper"
   fi
   # ninja's "[done/total]" lines (indented by pip -v) become a progress line every 15 s.
   MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
@@ -173,7 +209,7 @@ if ! wait "$stack_pid"; then
   exit 1
 fi
 log "installing $MMCV_NAME from $wheel_dir"
-pip_ install -c "$PINS" "$wheel_dir"/*.whl
+uv_install "$wheel_dir"/*.whl
 # the import check, without torch's known `torch.jit.interface` FutureWarning
 "$PY" -W 'ignore:`torch.jit.interface` is deprecated:FutureWarning:torch.jit._script' \
   -c "from mmcv.ops import RoIAlign, nms, batched_nms; import mmmetaformer"
