@@ -29,7 +29,7 @@ from .checkpoints import CheckpointError, fit_checkpoint_to_model, read_checkpoi
 _MARK = '_mmmetaformer_patch'
 
 
-def _patch(owner, name, wrapper, *, classmethod_=False):
+def _patch(owner, name, wrapper, *, classmethod_=False, staticmethod_=False):
     """Replace ``owner.name`` with ``wrapper(original)``, once per process."""
     original = getattr(owner, name)
     if getattr(original, _MARK, False):
@@ -37,7 +37,8 @@ def _patch(owner, name, wrapper, *, classmethod_=False):
     original = original.__func__ if classmethod_ else original
     new = functools.wraps(original)(wrapper(original))
     setattr(new, _MARK, True)
-    setattr(owner, name, classmethod(new) if classmethod_ else new)
+    setattr(owner, name, classmethod(new) if classmethod_ else
+            staticmethod(new) if staticmethod_ else new)
 
 
 def _calls(func_path: str, text: str) -> bool:
@@ -450,9 +451,24 @@ def _apply_empty_image_name():
 # ``MODULE2PACKAGE``. The value is a module of the package, not the distribution name:
 # mmengine <= 0.10.7 looks a distribution up in site-packages, where an editable install
 # (PEP 660) has no files, while a module is found where it is imported from.
+# mmengine marks the settings of such a base with its scope (``_scope_``), where their types
+# are looked up. The imagenet/ configs are mmpretrain configs written out in full (their types
+# are mmpretrain's), so a base under imagenet/ is given the scope ``mmpretrain``.
+
+def _scope_imagenet_configs(get_cfg_path):
+
+    def _get_cfg_path(cfg_path, filename):
+        path, scope = get_cfg_path(cfg_path, filename)
+        if scope == 'mmmetaformer' and cfg_path.partition('::')[2].startswith('imagenet/'):
+            scope = 'mmpretrain'
+        return path, scope
+
+    return _get_cfg_path
+
 
 def _apply_config_scope():
-    from mmengine.config import utils
+    from mmengine.config import Config, utils
+    _patch(Config, '_get_cfg_path', _scope_imagenet_configs, staticmethod_=True)
     utils.MODULE2PACKAGE.setdefault('mmmetaformer', 'mmmetaformer.registry')
     # mmengine finds mmseg's configs (``mmseg::``) through the distribution mmsegmentation;
     # the fork installs the module as onedl-mmsegmentation, which the module name finds
@@ -496,7 +512,7 @@ PATCHES = (
     Patch('empty-image-name', 'mmcv LoadImageFromFile.transform', _empty_image_unnamed,
           _apply_empty_image_name),
     Patch('config-scope', "mmengine config.utils.MODULE2PACKAGE: 'mmmetaformer' (and 'mmseg' "
-          'where only the fork provides it)',
+          'where only the fork provides it), Config._get_cfg_path (imagenet/: mmpretrain)',
           lambda: True, _apply_config_scope),
 )
 

@@ -1,6 +1,6 @@
 """A config anywhere on disk inherits the project's configs by scope, as ``mmdet::`` works:
-``_base_ = 'mmmetaformer::coco/...'`` (and ade20k/) loads the same settings as the file in
-configs/ and builds under the scope a Runner would use."""
+``_base_ = 'mmmetaformer::coco/...'`` (ade20k/, imagenet/) loads the same settings as the file
+in configs/ and builds under the scope a Runner would use."""
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,8 @@ def without_scopes(value):
 
 
 @pytest.mark.parametrize('name', ['coco/mask-rcnn_caformer-s18_fpn_1x_coco.py',
-                                  'ade20k/upernet_caformer-s18_8xb2-160k_ade20k-512x512.py'])
+                                  'ade20k/upernet_caformer-s18_8xb2-160k_ade20k-512x512.py',
+                                  'imagenet/caformer_s18_in1k.py'])
 def test_config_elsewhere_inherits_by_scope(name, tmp_path, monkeypatch):
     user = tmp_path / 'mine' / 'my_config.py'
     user.parent.mkdir()
