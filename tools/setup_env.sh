@@ -17,10 +17,11 @@
 # mmcv, torch, Python and device (cpu, or cuXY when FORCE_CUDA=1 or a GPU is visible). Their
 # setup.py asks for -std=c++17 (c++14 on old torch); torch 2.14 headers need C++20, so the sdist
 # is patched to -std=c++20. The rest of the stack installs while mmcv builds.
-# Packages are installed with uv (a pinned release, kept in $MMMETAFORMER_CACHE): a cold
-# install of torch and its CUDA libraries takes under half a minute, against about two with
-# pip. uv does not read pip's configuration, so the index, find-links, constraint and
-# certificate settings pip would use (its config files and PIP_* variables) are passed on.
+# Packages are installed with uv (a pinned release, kept in $MMMETAFORMER_CACHE), which
+# downloads in parallel and does not byte-compile: torch and its CUDA libraries install in a
+# fraction of pip's time (docs/get_started.md). uv does not read pip's configuration, so the
+# index, find-links, constraint and certificate settings pip would use (its config files and
+# PIP_* variables) are passed on.
 # On a CUDA machine, FORCE_CUDA=1 builds the CUDA ops even without a visible GPU (e.g. in docker
 # build); set TORCH_CUDA_ARCH_LIST to the target GPUs to shorten the build.
 set -euo pipefail
