@@ -13,6 +13,7 @@ import glob
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import re
@@ -29,16 +30,17 @@ from .checkpoints import CheckpointError, fit_checkpoint_to_model, read_checkpoi
 _MARK = '_mmmetaformer_patch'
 
 
-def _patch(owner, name, wrapper, *, classmethod_=False, staticmethod_=False):
-    """Replace ``owner.name`` with ``wrapper(original)``, once per process."""
-    original = getattr(owner, name)
+def _patch(owner, name, wrapper):
+    """Replace ``owner.name`` with ``wrapper(original)``, once per process; a classmethod or
+    staticmethod stays one."""
+    original = inspect.getattr_static(owner, name)
+    descriptor = type(original) if isinstance(original, (classmethod, staticmethod)) else None
+    original = original.__func__ if descriptor else original
     if getattr(original, _MARK, False):
         return
-    original = original.__func__ if classmethod_ else original
     new = functools.wraps(original)(wrapper(original))
     setattr(new, _MARK, True)
-    setattr(owner, name, classmethod(new) if classmethod_ else
-            staticmethod(new) if staticmethod_ else new)
+    setattr(owner, name, descriptor(new) if descriptor else new)
 
 
 def _calls(func_path: str, text: str) -> bool:
@@ -98,8 +100,7 @@ def _load_url_wrapper(load_url):
 
 def _apply_safe_load():
     from mmengine.runner import checkpoint
-    _patch(checkpoint.CheckpointLoader, 'load_checkpoint', _safe_loader_wrapper,
-           classmethod_=True)
+    _patch(checkpoint.CheckpointLoader, 'load_checkpoint', _safe_loader_wrapper)
     _patch(checkpoint, 'load_url', _load_url_wrapper)
 
 
@@ -468,7 +469,7 @@ def _scope_imagenet_configs(get_cfg_path):
 
 def _apply_config_scope():
     from mmengine.config import Config, utils
-    _patch(Config, '_get_cfg_path', _scope_imagenet_configs, staticmethod_=True)
+    _patch(Config, '_get_cfg_path', _scope_imagenet_configs)
     utils.MODULE2PACKAGE.setdefault('mmmetaformer', 'mmmetaformer.registry')
     # mmengine finds mmseg's configs (``mmseg::``) through the distribution mmsegmentation;
     # the fork installs the module as onedl-mmsegmentation, which the module name finds
