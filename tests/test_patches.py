@@ -259,7 +259,7 @@ def test_retrieval_metrics_on_numpy2():
 
 # --- MMMETAFORMER_DISABLE_PATCHES ----------------------------------------------------
 REPLACED = '''
-import json, sys
+import json, os, sys
 from mmcv.transforms import LoadImageFromFile
 from mmengine.hooks import CheckpointHook
 from mmengine.runner import CheckpointLoader, Runner, checkpoint, runner
@@ -267,7 +267,8 @@ import mmmetaformer
 targets = dict(loader=CheckpointLoader.load_checkpoint.__func__, resume=Runner.resume,
                to_model=checkpoint._load_checkpoint_to_model, save=runner.save_checkpoint,
                hook=CheckpointHook._save_best_checkpoint, image=LoadImageFromFile.transform)
-print(json.dumps(sorted(k for k, f in targets.items() if 'mmmetaformer' in f.__code__.co_filename)))
+package = os.path.dirname(mmmetaformer.__file__) + os.sep  # not a clone folder of that name
+print(json.dumps(sorted(k for k, f in targets.items() if f.__code__.co_filename.startswith(package))))
 '''
 
 
