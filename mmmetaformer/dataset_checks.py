@@ -7,11 +7,15 @@ import json
 import math
 import os
 import os.path as osp
+import stat
 import struct
 
 _LABELS = {'CocoDataset': 'COCO', 'ADE20KDataset': 'ADE20K', 'ImageNet': 'ImageNet',
            'CustomDataset': 'CustomDataset'}
 _DATALOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+PREPARE_DATASETS = 'docs/user_guides/train_test.md#prepare-datasets'
+#: The extensions of the files mmcv and mmpretrain take for images.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
 def _leaf_datasets(dataset):
@@ -193,39 +197,44 @@ def check_dataset(cfg):
                 coco = _read_coco(ann_file)
                 if coco is not None:
                     reports += _coco_reports(ann_file, coco, _coco_classes(dataset))
-            empty += _empty_images(name, dataset, root, paths, coco)
+            empty += _empty_images(dataset, root, paths, coco)
     if missing:
         raise FileNotFoundError('\n'.join(
             f"{label} not found at {root}: expected {_join(paths) if paths else 'a directory'} "
             f'(see {PREPARE_DATASETS})' for (label, root), paths in missing.items()))
     if empty:
-        raise ValueError(f'empty (0-byte) image files: {_examples(sorted(set(empty)), cut=None)}; mmcv '
-                         'cannot decode them: download or extract them again, or leave them '
-                         'out of the dataset')
+        raise ValueError(f'empty (0-byte) image files: {_examples(sorted(set(empty)), cut=None)}'
+                         '; mmcv cannot decode them: download or extract them again, or leave '
+                         'them out of the dataset')
     return reports
 
 
-PREPARE_DATASETS = 'docs/user_guides/train_test.md#prepare-datasets'
-#: The extensions of the files mmcv and mmpretrain take for images.
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
-
-
-def _empty_images(name, dataset, root, paths, coco):
+def _empty_images(dataset, root, paths, coco):
     """The 0-byte images of ``dataset``: those its COCO annotation file lists, else the image
-    files of its folders."""
+    files of its folders (``paths`` but its annotation file)."""
     if coco is not None:
         prefix = dataset.get('data_prefix') or {}
         folder = osp.join(root, prefix.get('img', '') if isinstance(prefix, dict) else prefix)
-        files = (osp.join(folder, r['file_name']) for r in coco['images']
-                 if isinstance(r.get('file_name'), str))
-        return [f for f in dict.fromkeys(files) if osp.isfile(f) and not osp.getsize(f)]
-    folders = [osp.join(root, p) for p in paths or [''] if osp.isdir(osp.join(root, p))]
-    return [path for folder in folders for path in _empty_files(folder)]
+        files = dict.fromkeys(osp.join(folder, r['file_name']) for r in coco['images']
+                              if isinstance(r.get('file_name'), str))
+        return [path for path in files if _is_empty(path)]
+    folders = [p for p in paths if p != dataset.get('ann_file')] or ['']
+    return [path for folder in folders if osp.isdir(osp.join(root, folder))
+            for path in _empty_files(osp.join(root, folder))]
+
+
+def _is_empty(path) -> bool:
+    try:
+        info = os.stat(path)
+    except OSError:  # missing: the dataset's loader names it
+        return False
+    return stat.S_ISREG(info.st_mode) and not info.st_size
 
 
 def _empty_files(folder):
     """The 0-byte image files under ``folder``, by ``os.scandir`` (each folder once)."""
-    empty, stack, seen = [], [folder], set()
+    info = os.stat(folder)
+    empty, stack, seen = [], [folder], {(info.st_dev, info.st_ino)}
     while stack:
         with os.scandir(stack.pop()) as entries:
             for entry in entries:

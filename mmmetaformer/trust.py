@@ -24,9 +24,16 @@ Anything else is refused (:class:`RefusedCheckpoint`) and, as nothing is built b
 record passed, a refused file leaves no trace in the process. Records are looked for
 everywhere (dictionary keys, sets, attributes of tensors and OrderedDicts); messages describe
 what a file passed by its type, never by a repr, which shared nested data makes exponential.
-The stand-ins answer only the thread whose load bound them. The config text a Runner
-checkpoint may carry (``meta['config']``, which mmengine's ``Runner.resume`` executes) is
-reduced to its ``gpu_ids`` by :func:`inert_config`, read without running anything.
+The stand-ins answer only the thread whose load bound them. Before ``torch.load``, the members
+of a zip file must be stored uncompressed and declare no more bytes than the file has (torch
+allocates a member's declared size before reading it). Errors name the file and describe what
+it holds by type and shape, never by its bytes or strings.
+
+The config text a Runner checkpoint may carry (``meta['config']``, which mmengine's
+``Runner.resume`` executes) is reduced to its ``gpu_ids`` by :func:`inert_config`, read
+without running anything; the training state ``Runner.resume`` hands to the optimizer, the
+parameter schedulers and the hooks is checked against the built ones by
+:func:`check_resume_state`, and the optimizer's kernel is the config's.
 """
 import ast
 import contextlib
@@ -354,8 +361,8 @@ def _first_line(err) -> str:
 
 def unreadable(source, err) -> str:
     return (f'cannot read {source}: it is not a complete PyTorch or safetensors checkpoint '
-            f'({type(err).__name__}: {_first_line(err)}). The file may be truncated (an interrupted '
-            'download?): download it again.')
+            f'({type(err).__name__}: {_first_line(err)}). The file may be truncated (an '
+            'interrupted download?): download it again.')
 
 
 def inert_config(text) -> str:
@@ -430,7 +437,7 @@ def check_resume_state(checkpoint, source, model, optim_wrapper, param_scheduler
     ``checkpoint`` with the optimizer's kernel flags (:data:`KERNEL_FLAGS`) set to the built
     optimizer's, i.e. the config's."""
     try:
-        _expect(type(checkpoint) is dict and type(checkpoint.get('meta')) is dict
+        _expect(isinstance(checkpoint, dict) and isinstance(checkpoint.get('meta'), dict)
                 and 'message_hub' in checkpoint,
                 'it is not a Runner checkpoint (it has no meta and message_hub)')
         meta = checkpoint['meta']
@@ -493,7 +500,9 @@ def _check_message_hub(hub, source):
         type(v) is bool for v in hub['resumed_keys'].values()),
         "its message_hub is not what mmengine saves (HistoryBuffers, runtime info and "
         "booleans by name)")
-    folder = None if '://' in source else os.path.dirname(os.path.abspath(source))
+    def folder(path):
+        return path.rsplit('/', 1)[0] if '://' in path else os.path.dirname(os.path.abspath(path))
+
     for key, value in hub['runtime_info'].items():
         if key in _COUNTS:
             ok, kind = _is_count(value), 'a non-negative int'
@@ -508,7 +517,7 @@ def _check_message_hub(hub, source):
             ok, kind = _is_real(value), 'a finite number'
         elif key.startswith('best_ckpt'):  # a file CheckpointHook deletes at the next best
             ok = type(value) is str and os.path.basename(value).startswith('best_') and (
-                folder is not None and os.path.dirname(os.path.abspath(value)) == folder)
+                folder(value) == folder(source))
             kind = f'the name of a best_* file beside {source} (CheckpointHook deletes it)'
         else:
             continue
@@ -573,7 +582,7 @@ def _settings(saved, built, what):
         if key in built:
             _like(value, built[key], f'{what} {key!r}')
         else:
-            _expect(_is_real(value), f'its {what} {key!r} is not a finite number')
+            _expect(_is_real(value), f'its {what} {_brief(key)} is not a finite number')
     return dict(built, **{k: v for k, v in saved.items() if k not in KERNEL_FLAGS})
 
 
@@ -601,32 +610,33 @@ def _param_state(state, param, what):
 
 
 def _like(value, ref, what):
-    """``value`` is of the kind of ``ref`` (what the built object has): the same strings and
-    booleans, finite numbers (an int for a float too), sequences of the same length, dicts of
-    the same keys, tensors of the same shape and dtype, finite."""
-    if type(ref) in (bool, str, type(None)):
-        ok = type(value) is type(ref) and value == ref
-    elif type(ref) in (int, float):
-        ok = type(value) is int or type(ref) is float and type(value) is float and (
-            math.isfinite(value) or value == ref)
+    """``value`` is of the kind of ``ref`` (what the built object has): of its type (an int
+    for a float too), its value for a boolean, string or None, finite numbers, sequences of
+    its length, dicts of its keys, tensors of its shape and dtype."""
+    if isinstance(ref, torch.Tensor):
+        kind = isinstance(value, torch.Tensor) and value.dtype == ref.dtype
+    else:
+        kind = type(value) is type(ref) or type(ref) is float and type(value) is int
+    data = (bool, str, type(None), int, float, list, tuple, dict, OrderedDict, Counter)
+    _expect(kind and (isinstance(ref, torch.Tensor) or type(ref) in data),
+            f"its {what} is {_describe(value)} where the config's is {_describe(ref)}")
+    if isinstance(ref, (bool, str, type(None))):
+        _expect(value == ref, f"its {what} is not the config's {ref!r}", True)
+    elif isinstance(ref, (int, float)):
+        _expect(type(value) is int or math.isfinite(value), f'its {what} is not finite')
     elif isinstance(ref, torch.Tensor):
-        ok = isinstance(value, torch.Tensor) and value.shape == ref.shape and (
-            value.dtype == ref.dtype) and (not value.is_floating_point()
-                                           or bool(torch.isfinite(value).all()))
-    elif type(ref) in (list, tuple):
-        ok = type(value) is type(ref) and len(value) == len(ref)
-        for i, (v, r) in enumerate(zip(value, ref) if ok else ()):
-            _like(v, r, f'{what}[{i}]')
+        _expect(value.shape == ref.shape, f"its {what} is {_describe(value)} where the "
+                f"config's is {_describe(ref)}", True)
+        _expect(bool(torch.isfinite(value).all()), f'its {what} is not finite')
     elif isinstance(ref, dict):
-        ok = type(value) is type(ref) and set(value) == set(ref)
-        for key in ref if ok else ():
+        _expect(set(value) == set(ref), f"its {what} has other keys than the config's", True)
+        for key in ref:
             _like(value[key], ref[key], f'{what}[{key!r}]')
     else:
-        ok = False
-    _expect(ok, f"its {what} is {_describe(value)} where the config's is {_describe(ref)}"
-            + (' of the same value' if type(ref) in (bool, str, type(None)) else
-               ' of finite values' if isinstance(ref, (float, torch.Tensor)) else
-               ' of the same keys' if isinstance(ref, dict) else ''), True)
+        _expect(len(value) == len(ref), f"its {what} is {_describe(value)} where the config's "
+                f'is {_describe(ref)}', True)
+        for i, (v, r) in enumerate(zip(value, ref)):
+            _like(v, r, f'{what}[{i}]')
 
 
 def _check_schedulers(saved, built):

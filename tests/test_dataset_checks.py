@@ -187,6 +187,10 @@ def test_folder_scan_reads_sizes_only(data, tmp_path):
     (root / 'train' / 'broken.jpg').symlink_to(root / 'nowhere.jpg')
     (root / 'train' / 'text.jpg').write_text('not an image')
     check_dataset(config(train=imagenet(str(root))))
+    (root / 'train' / 'empty.JPEG').write_bytes(b'')
+    with pytest.raises(ValueError, match=re.escape(
+            f"empty (0-byte) image files: 1 ({root / 'train' / 'empty.JPEG'}); ")):
+        check_dataset(config(train=imagenet(str(root))))
 
 
 # --- annotation files nested too deeply, boxes that are not finite ---------------------------

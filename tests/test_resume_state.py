@@ -241,29 +241,34 @@ FORGED = {  # what a file may hold that Runner.resume would hand on
     'group-ids-repeat': (('optimizer', 'param_groups', 1, 'params'), _set([0]),
                          'group 1 does not number its parameters one by one'),
     'group-lr-text': (('optimizer', 'param_groups', 0, 'lr'), _set('0.1'),
-                      "optimizer group 0 'lr' is a str where the config's is a float"),
+                      "optimizer group 0 'lr' is a str where the config's is a float."),
     'group-betas-3': (('optimizer', 'param_groups', 0, 'betas'), _set((0.9, 0.99, 0.9)),
                       "'betas' is a tuple of 3 where the config's is a tuple of 2"),
     'group-amsgrad': (('optimizer', 'param_groups', 2, 'amsgrad'), _set(True),
-                      "'amsgrad' is a bool where the config's is a bool of the same value"),
+                      "its optimizer group 2 'amsgrad' is not the config's False. It was saved "
+                      'with another config'),
     'group-unknown': (('optimizer', 'param_groups', 0, 'lr_override'), _set(1.0),
                       "group 0 has 1 settings the config's optimizer has not"),
     'groups-fewer': (('optimizer', 'param_groups'), lambda t, k: t[k].pop(),
                      "optimizer has not the config's 4 parameter groups"),
     'base-params': (('optimizer', 'base_param_settings', 'params'), _set(list(range(9))),
-                    "base settings 'params' is a list of 9 where the config's is a float32 tensor"),
+                    "base settings 'params' is a list of 9 where the config's is a float32 "
+                    'tensor of shape (1,).'),
     'scheduler-optimizer': (('param_schedulers', 0, 'optimizer'), _set({}),
                             'param_schedulers[0] is not a state of a LinearLR'),
     'scheduler-step-text': (('param_schedulers', 0, 'last_step'), _set('4'),
-                            "param_schedulers[0] 'last_step' is a str where the config's is an"),
+                            "param_schedulers[0] 'last_step' is a str where the config's is "
+                            'an int.'),
     'scheduler-param-name': (('param_schedulers', 1, 'param_name'), _set('fused'),
-                             "'param_name' is a str where the config's is a str of the same"),
+                             "param_schedulers[1] 'param_name' is not the config's 'lr'. It "
+                             'was saved'),
     'scheduler-values-short': (('param_schedulers', 0, 'base_values'), lambda t, k: t[k].pop(),
                                "'base_values' is a list of 4 where the config's is a list of 5"),
     'scheduler-values-nan': (('param_schedulers', 1, '_last_value', 0), _set(math.nan),
-                             "'_last_value'[0] is a float where the config's is a float of"),
+                             "its param_schedulers[1] '_last_value'[0] is not finite."),
     'scheduler-milestones': (('param_schedulers', 1, 'milestones'), _set(collections.Counter(
-        {3: 1, 10**9: 1})), "'milestones' is a Counter of 2 where the config's is a Counter of 2 of the same keys"),
+        {3: 1, 10**9: 1})), "its param_schedulers[1] 'milestones' has other keys than the "
+        "config's. It was saved"),
     'schedulers-fewer': (('param_schedulers', ), lambda t, k: t[k].pop(),
                          "param_schedulers are not the config's 2"),
 }
