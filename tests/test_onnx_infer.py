@@ -56,9 +56,11 @@ def image(path, size=(40, 48), color=(30, 90, 200)):
 
 
 def run(*args):
-    """tools/onnx_infer.py in this process: (exit status, stdout, the error line)."""
+    """tools/onnx_infer.py in this process, drawing into ``out`` beside the model (the first
+    argument): (exit status, the error line)."""
+    out = ['--out-dir', str(Path(args[0]).parent / 'out')] if '--out-dir' not in args else []
     try:
-        onnx_infer.main([str(a) for a in args])
+        onnx_infer.main([str(a) for a in args] + out)
         return 0, None
     except SystemExit as exit:
         return 1, str(exit.code)
@@ -191,5 +193,5 @@ def test_an_image_resized_beyond_the_limits_is_named(tmp_path):
 def test_a_segmentor_runs(tmp_path):
     """The identity 'segmentor': its label map drawn over the image."""
     path = model(tmp_path / 'm.onnx', dict(part='segmentor', resize=[]))
-    assert run(path, image(tmp_path / 'x.png'), '--out-dir', tmp_path / 'out') == (0, None)
+    assert run(path, image(tmp_path / 'x.png')) == (0, None)
     assert cv2.imread(str(tmp_path / 'out/x.png')).shape == (40, 48, 3)
