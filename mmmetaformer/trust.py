@@ -24,18 +24,27 @@ Anything else is refused (:class:`RefusedCheckpoint`) and, as nothing is built b
 record passed, a refused file leaves no trace in the process. Records are looked for
 everywhere (dictionary keys, sets, attributes of tensors and OrderedDicts); messages describe
 what a file passed by its type, never by a repr, which shared nested data makes exponential.
-The stand-ins answer only the thread whose load bound them. The config text a Runner
-checkpoint may carry (``meta['config']``, which mmengine's ``Runner.resume`` executes) is
-reduced to its ``gpu_ids`` by :func:`inert_config`, read without running anything.
+The stand-ins answer only the thread whose load bound them. Before ``torch.load``, the members
+of a zip file must be stored uncompressed and declare no more bytes than the file has (torch
+allocates a member's declared size before reading it). Errors name the file and describe what
+it holds by type and shape, never by its bytes or strings.
+
+The config text a Runner checkpoint may carry (``meta['config']``, which mmengine's
+``Runner.resume`` executes) is reduced to its ``gpu_ids`` by :func:`inert_config`, read
+without running anything; the training state ``Runner.resume`` hands to the optimizer, the
+parameter schedulers and the hooks is checked against the built ones by
+:func:`check_resume_state`, and the optimizer's kernel is the config's.
 """
 import ast
 import contextlib
 import contextvars
 import math
+import os
 import pickle
 import re
 import shlex
 import threading
+import zipfile
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -306,23 +315,54 @@ def load(path: str, source: str = None, map_location='cpu'):
         head = f.read(8)
     if not head.startswith((b'PK\x03\x04', b'\x80')):  # torch: a zip file or a pickle
         raise CheckpointError(
-            f'cannot read {source}: it is not a checkpoint (neither a PyTorch file nor '
-            f'safetensors; it starts with {head!r})' if head else
+            f'cannot read {source}: it is not a checkpoint (neither a PyTorch file, which is a '
+            'zip archive or a pickle, nor safetensors)' if head else
             f'cannot read {source}: the file is empty')
     try:
+        if head.startswith(b'PK'):
+            _check_members(path, source)
         return inert(lambda: torch.load(path, map_location=map_location, weights_only=True),
                      source, str(path))
-    except RefusedCheckpoint:
+    except CheckpointError:
         raise
     except Exception as err:
+        if isinstance(err, MemoryError) or _NO_MEMORY.search(str(err)):
+            raise CheckpointError(
+                f'cannot read {source}: there is not enough memory to load it '
+                f'({type(err).__name__}: {_first_line(err)}); free memory or use a machine '
+                'with more') from err
         raise CheckpointError(unreadable(source, err)) from err
 
 
+# how torch and the C++ runtime report a failed allocation
+_NO_MEMORY = re.compile(r"can't allocate memory|Cannot allocate memory|bad_alloc|out of memory")
+
+
+def _check_members(path, source):
+    """Refuse a torch zip file whose members declare more data than the file holds, before
+    ``torch.load`` allocates each member's declared size (torch writes members uncompressed,
+    so an honest file's members add up to less than its size)."""
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+    compressed = sum(m.compress_type != zipfile.ZIP_STORED for m in members)
+    declared, size = sum(m.file_size for m in members), os.path.getsize(path)
+    if compressed or declared > size:
+        raise CheckpointError(
+            f'cannot read {source}: it is not a checkpoint as torch writes one (its zip members '
+            'stored uncompressed): ' + (
+                f'{compressed} of its {len(members)} members are compressed' if compressed else
+                f'its members declare {declared} bytes, the file has {size}') +
+            '. Nothing of it was read.')
+
+
+def _first_line(err) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else ''
+
+
 def unreadable(source, err) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ''
     return (f'cannot read {source}: it is not a complete PyTorch or safetensors checkpoint '
-            f'({type(err).__name__}: {first}). The file may be truncated (an interrupted '
-            'download?): download it again.')
+            f'({type(err).__name__}: {_first_line(err)}). The file may be truncated (an '
+            'interrupted download?): download it again.')
 
 
 def inert_config(text) -> str:
@@ -357,3 +397,262 @@ def _int_list(node):
         return None
     ok = isinstance(value, (list, tuple)) and all(type(i) is int for i in value)
     return list(value) if ok else None
+
+
+
+# --- resuming: what Runner.resume hands to the optimizer, the schedulers and the hooks ---------
+
+#: Optimizer settings that pick a kernel: always the config's, whatever a checkpoint says.
+KERNEL_FLAGS = ('fused', 'foreach', 'capturable', 'differentiable')
+_COUNTS = ('epoch', 'iter', 'max_epochs', 'max_iters')  # runtime info that hooks read
+_TEXTS = ('loop_stage', 'last_ckpt', 'cfg', 'experiment_name', 'mmengine_version')
+
+
+class _Unfit(Exception):
+    """What of a checkpoint's training state does not fit; ``changed``: it would fit another
+    config (other shapes or counts)."""
+
+    def __init__(self, message, changed=False):
+        super().__init__(message)
+        self.changed = changed
+
+
+def _expect(ok, message, changed=False):
+    if not ok:
+        raise _Unfit(message, changed)
+
+
+def check_resume_state(checkpoint, source, model, optim_wrapper, param_schedulers):
+    """The Runner checkpoint ``checkpoint`` (read by :func:`load` from ``source``) as it may be
+    resumed into the built ``model`` (unwrapped), ``optim_wrapper`` (``OptimWrapper``,
+    ``AmpOptimWrapper`` or ``OptimWrapperDict``) and ``param_schedulers`` (a list, a dict of
+    lists, or None), or :class:`CheckpointError` naming ``source``.
+
+    Checked: ``meta``'s epoch, iter and seed; the message hub (runtime info of the plain types
+    hooks expect: ``keep_ckpt_ids`` only ints, which ``CheckpointHook`` formats into names of
+    files it deletes, best checkpoints only ``best_*`` files beside ``source``); the optimizer
+    state against the model (the same groups, settings of the config's kinds, at most one state
+    per parameter: tensors of the parameter's shape and dtype, a finite step count); each
+    scheduler's state against the built one (its keys only, of their kinds). Returned:
+    ``checkpoint`` with the optimizer's kernel flags (:data:`KERNEL_FLAGS`) set to the built
+    optimizer's, i.e. the config's."""
+    try:
+        _expect(isinstance(checkpoint, dict) and isinstance(checkpoint.get('meta'), dict)
+                and 'message_hub' in checkpoint,
+                'it is not a Runner checkpoint (it has no meta and message_hub)')
+        meta = checkpoint['meta']
+        for key in ('epoch', 'iter'):
+            _expect(_is_count(meta.get(key)), f"its meta['{key}'] is not a non-negative int")
+        seed = meta.get('seed')
+        _expect(seed is None or _is_count(seed) and seed < 2**32,
+                "its meta['seed'] is not an int below 2**32")
+        _check_message_hub(checkpoint['message_hub'], str(source))
+        resumed = dict(checkpoint)
+        if 'optimizer' in checkpoint:
+            names = {id(p): name for name, p in model.named_parameters()}
+            wrappers = getattr(optim_wrapper, 'optim_wrappers', None)  # an OptimWrapperDict
+            if wrappers is None:
+                resumed['optimizer'] = _optimizer(checkpoint['optimizer'], optim_wrapper, names,
+                                                  'optimizer')
+            else:
+                saved = checkpoint['optimizer']
+                _expect(type(saved) is dict and set(saved) == set(wrappers),
+                        f"its optimizers are not the config's {', '.join(wrappers)}", True)
+                resumed['optimizer'] = {name: _optimizer(saved[name], wrapper, names,
+                                                         f'optimizer {name}')
+                                        for name, wrapper in wrappers.items()}
+        if 'param_schedulers' in checkpoint and param_schedulers is not None:
+            _check_schedulers(checkpoint['param_schedulers'], param_schedulers)
+        return resumed
+    except _Unfit as err:
+        raise CheckpointError(
+            f'cannot resume from {source}: {err}.' + (
+                ' It was saved with another config.' if err.changed else '') +
+            ' To start from its weights with this config instead, fine-tune: --cfg-options '
+            f'load_from={shlex.quote(str(source))} without --resume.') from None
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _is_real(x) -> bool:
+    """A finite int or float (numpy's too), not a boolean."""
+    return type(x) is int or isinstance(x, np.integer) or (
+        isinstance(x, (float, np.floating)) and math.isfinite(x))
+
+
+def _describe(x) -> str:
+    """What ``x`` is, for a message, without its content."""
+    if isinstance(x, torch.Tensor):
+        return f'a {str(x.dtype)[6:]} tensor of shape {tuple(x.shape)}'
+    name = type(x).__name__ + (f' of {len(x)}' if isinstance(x, (list, tuple, dict)) else '')
+    return ('an ' if name[0] in 'aeiou' else 'a ') + name
+
+
+def _check_message_hub(hub, source):
+    """What ``MessageHub.load_state_dict`` keeps, and hooks read back."""
+    from mmengine.logging import HistoryBuffer
+    parts = ('log_scalars', 'runtime_info', 'resumed_keys')
+    _expect(isinstance(hub, dict) and all(isinstance(hub.get(k), dict) and all(
+        type(n) is str for n in hub[k]) for k in parts) and all(
+        type(v) is HistoryBuffer for v in hub['log_scalars'].values()) and all(
+        type(v) is bool for v in hub['resumed_keys'].values()),
+        "its message_hub is not what mmengine saves (HistoryBuffers, runtime info and "
+        "booleans by name)")
+    def folder(path):
+        return path.rsplit('/', 1)[0] if '://' in path else os.path.dirname(os.path.abspath(path))
+
+    for key, value in hub['runtime_info'].items():
+        if key in _COUNTS:
+            ok, kind = _is_count(value), 'a non-negative int'
+        elif key in _TEXTS:
+            ok, kind = type(value) is str, 'a str'
+        elif key == 'seed':
+            ok, kind = value is None or type(value) is int, 'an int'
+        elif key == 'keep_ckpt_ids':  # formatted into names of files CheckpointHook deletes
+            ok = type(value) is list and all(map(_is_count, value))
+            kind = 'a list of non-negative ints'
+        elif key == 'eta' or key.startswith('best_score'):
+            ok, kind = _is_real(value), 'a finite number'
+        elif key.startswith('best_ckpt'):  # a file CheckpointHook deletes at the next best
+            ok = type(value) is str and os.path.basename(value).startswith('best_') and (
+                folder(value) == folder(source))
+            kind = f'the name of a best_* file beside {source} (CheckpointHook deletes it)'
+        else:
+            continue
+        _expect(ok, f'its message_hub runtime info {_brief(key)} is not {kind}')
+
+
+def _optimizer(saved, wrapper, names, what):
+    """``saved`` (an ``OptimWrapper`` state) checked against the built ``wrapper``, with its
+    kernel flags."""
+    built = wrapper.state_dict()
+    optional = {'loss_scaler', 'base_param_settings'}
+    _expect(type(saved) is dict and set(saved) - optional == set(built) - optional and (
+        'base_param_settings' in saved) == ('base_param_settings' in built),
+        f"its {what} state does not hold what mmengine saves of the config's: "
+        f"{', '.join(built)}", True)
+    groups, built_groups = saved['param_groups'], wrapper.optimizer.param_groups
+    _expect(type(groups) is list and len(groups) == len(built_groups),
+            f"its {what} has not the config's {len(built_groups)} parameter groups", True)
+    param_of = {}  # the file's ids -> (parameter, its name, its group's flags), as torch maps
+    for i, (group, built_group) in enumerate(zip(groups, built_groups)):
+        ids, params = type(group) is dict and group.get('params'), built_group['params']
+        flags = frozenset((k, v) for k, v in built_group.items() if type(v) is bool)
+        _expect(type(ids) is list and len(ids) == len(params),
+                f"its {what} group {i} has not the {len(params)} parameters the config gives "
+                'it for this model', True)
+        for n, (key, param) in enumerate(zip(ids, params)):
+            _expect(type(key) is int and key not in param_of,
+                    f'its {what} group {i} does not number its parameters one by one')
+            param_of[key] = param, names.get(id(param), f'parameter {n} of group {i}'), flags
+    resumed = dict(saved, param_groups=[
+        dict(_settings(group, ref, f'{what} group {i}'), params=group['params'])
+        for i, (group, ref) in enumerate(zip(groups, built['param_groups']))])
+    if 'base_param_settings' in saved:
+        resumed['base_param_settings'] = _settings(
+            saved['base_param_settings'], built['base_param_settings'], f'{what} base settings')
+    if built.get('loss_scaler') and 'loss_scaler' in saved:
+        _like(saved['loss_scaler'], built['loss_scaler'], f'{what} loss scaler')
+    state = saved['state']
+    _expect(type(state) is dict and all(type(k) is int and k in param_of for k in state),
+            f'its {what} state is not one state per parameter of its groups')
+    kinds = {}  # the boolean settings of a group -> the names in its parameters' states
+    for key, value in state.items():
+        param, name, flags = param_of[key]
+        _param_state(value, param, f'its {what} state of {name}')
+        _expect(not value or kinds.setdefault(flags, set(value)) == set(value),
+                f'its {what} state of {name} is not of the kind of the others')
+    return resumed
+
+
+def _settings(saved, built, what):
+    """A parameter group (or mmengine's base settings) of the file, as the optimizer takes it:
+    the config's settings of the config's kinds, ``initial_*`` (schedulers add them) finite
+    numbers, the config's kernel flags; what is missing, the config's."""
+    _expect(type(saved) is dict and all(type(k) is str for k in saved),
+            f'its {what} is not settings by name')
+    unknown = [k for k in saved if k not in built and not k.startswith('initial_')]
+    _expect(not unknown, f"its {what} has {len(unknown)} settings the config's optimizer has "
+            'not', True)
+    for key, value in saved.items():
+        if key in KERNEL_FLAGS or key == 'params' and type(built['params']) is list:
+            continue  # the ids of a group's parameters are checked with the state
+        if key in built:
+            _like(value, built[key], f'{what} {key!r}')
+        else:
+            _expect(_is_real(value), f'its {what} {_brief(key)} is not a finite number')
+    return dict(built, **{k: v for k, v in saved.items() if k not in KERNEL_FLAGS})
+
+
+def _param_state(state, param, what):
+    """One parameter's optimizer state: tensors of the parameter's shape and dtype (finite),
+    a finite non-negative ``step``, other values plain numbers, booleans or None."""
+    _expect(type(state) is dict and all(type(k) is str for k in state),
+            f'{what} is not values by name')
+    for key, value in state.items():
+        if key == 'step':
+            if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+                value = value.item()
+            _expect(_is_real(value) and value >= 0,
+                    f'{what} has a step that is not a finite non-negative number')
+        elif isinstance(value, torch.Tensor):
+            _expect(value.shape == param.shape and value.dtype == param.dtype,
+                    f'{what} has {_describe(value)} for {key!r} where the parameter is '
+                    f'{_describe(param.detach())}', True)
+            _expect(not value.is_floating_point() or bool(torch.isfinite(value).all()),
+                    f'{what} has values that are not finite for {key!r}')
+        else:
+            _expect(value is None or type(value) is bool or _is_real(value),
+                    f'{what} has {_describe(value)} for {key!r}, not a tensor, a finite '
+                    'number, a boolean or None')
+
+
+def _like(value, ref, what):
+    """``value`` is of the kind of ``ref`` (what the built object has): of its type (an int
+    for a float too), its value for a boolean, string or None, finite numbers, sequences of
+    its length, dicts of its keys, tensors of its shape and dtype."""
+    if isinstance(ref, torch.Tensor):
+        kind = isinstance(value, torch.Tensor) and value.dtype == ref.dtype
+    else:
+        kind = type(value) is type(ref) or type(ref) is float and type(value) is int
+    data = (bool, str, type(None), int, float, list, tuple, dict, OrderedDict, Counter)
+    _expect(kind and (isinstance(ref, torch.Tensor) or type(ref) in data),
+            f"its {what} is {_describe(value)} where the config's is {_describe(ref)}")
+    if isinstance(ref, (bool, str, type(None))):
+        _expect(value == ref, f"its {what} is not the config's {ref!r}", True)
+    elif isinstance(ref, (int, float)):
+        _expect(type(value) is int or math.isfinite(value), f'its {what} is not finite')
+    elif isinstance(ref, torch.Tensor):
+        _expect(value.shape == ref.shape, f"its {what} is {_describe(value)} where the "
+                f"config's is {_describe(ref)}", True)
+        _expect(bool(torch.isfinite(value).all()), f'its {what} is not finite')
+    elif isinstance(ref, dict):
+        _expect(set(value) == set(ref), f"its {what} has other keys than the config's", True)
+        for key in ref:
+            _like(value[key], ref[key], f'{what}[{key!r}]')
+    else:
+        _expect(len(value) == len(ref), f"its {what} is {_describe(value)} where the config's "
+                f'is {_describe(ref)}', True)
+        for i, (v, r) in enumerate(zip(value, ref)):
+            _like(v, r, f'{what}[{i}]')
+
+
+def _check_schedulers(saved, built):
+    """Each scheduler's state (``_ParamScheduler.load_state_dict`` updates its ``__dict__``
+    with it): only the built scheduler's keys, of their kinds."""
+    named = isinstance(built, dict)
+    built, saved = (built, saved) if named else ({'': built}, {'': saved})
+    _expect(type(saved) is dict and set(saved) == set(built),
+            "its param_schedulers are not the config's", True)
+    for name, schedulers in built.items():
+        states, what = saved[name], 'param_schedulers' + (f' {name}' if named else '')
+        _expect(type(states) is list and len(states) == len(schedulers),
+                f"its {what} are not the config's {len(schedulers)}", True)
+        for i, (state, scheduler) in enumerate(zip(states, schedulers)):
+            ref = scheduler.state_dict()
+            _expect(type(state) is dict and set(state) <= set(ref),
+                    f'its {what}[{i}] is not a state of a {type(scheduler).__name__}', True)
+            for key, value in state.items():
+                _like(value, ref[key], f'{what}[{i}] {key!r}')

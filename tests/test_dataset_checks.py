@@ -1,17 +1,23 @@
 """check_dataset: one clear FileNotFoundError for missing COCO / ADE20K / ImageNet data, a
-ValueError naming a damaged COCO annotation file or the config's classes it lacks, a report of
-the annotations mmdet would skip; unreadable images are named."""
+ValueError naming a damaged COCO annotation file, the config's classes it lacks or the empty
+image files, a report of the annotations mmdet would skip; check_image reads an image's
+header and names the file it refuses."""
 import json
+import math
 import re
 import shutil
+import struct
+import zlib
 
+import cv2
+import numpy as np
 import pytest
 from mmengine.config import Config
 
-from mmmetaformer.dataset_checks import check_dataset
+from mmmetaformer.dataset_checks import check_dataset, check_image
 from demo_data import write_ade20k_demo, write_coco_demo, write_imagenet_demo
 
-HINT = "(see README, 'Prepare datasets')"
+HINT = '(see docs/user_guides/train_test.md#prepare-datasets)'
 
 
 def coco(root, split='train', type='CocoDataset'):
@@ -125,17 +131,129 @@ def test_malformed_coco_annotations_are_named(data, tmp_path, content, problem):
                              val=with_classes(coco(str(root), 'val'))))
 
 
-def test_empty_image_is_named(tmp_path):
-    """mmcv's LoadImageFromFile, as mmdet, mmseg and mmpretrain pipelines run it."""
+# --- empty image files ---------------------------------------------------------------------
+
+def empty(path, files):
+    """``files`` (relative to ``path``) emptied: as an interrupted copy or extraction leaves
+    them. mmcv's loader, as the pipelines run it, fails on each."""
     from mmcv.transforms import LoadImageFromFile
-    path = tmp_path / 'empty.jpg'
-    path.write_bytes(b'')
-    with pytest.raises(ValueError, match=re.escape(f'cannot read image {path}: the file is '
-                                                   'empty (0 bytes)')):
-        LoadImageFromFile()(dict(img_path=str(path)))
-    path.write_bytes(b'not an image')  # mmcv names these itself
-    with pytest.raises(AssertionError, match=re.escape(f'failed to load image: {path}')):
-        LoadImageFromFile()(dict(img_path=str(path)))
+    for name in files:
+        (path / name).write_bytes(b'')
+        with pytest.raises(Exception):
+            LoadImageFromFile()(dict(img_path=str(path / name)))
+    return [str(path / name) for name in files]
+
+
+def test_empty_coco_images_are_named(data, tmp_path):
+    """The images the annotation file lists, not the other files of the folder."""
+    root = tmp_path / 'coco'
+    shutil.copytree(data / 'coco', root)
+    listed = json.loads((root / 'annotations/instances_val2017.json').read_text())['images']
+    (root / 'val2017' / 'unlisted.jpg').write_bytes(b'')
+    [path] = empty(root / 'val2017', [listed[0]['file_name']])
+    with pytest.raises(ValueError) as error:
+        check_dataset(config(train=with_classes(coco(str(root))),
+                             val=with_classes(coco(str(root), 'val'))))
+    assert str(error.value) == (f'empty (0-byte) image files: 1 ({path}); mmcv cannot decode '
+                                'them: download or extract them again, or leave them out of '
+                                'the dataset')
+
+
+def test_empty_images_of_folder_datasets_are_named(data, tmp_path):
+    """ADE20K images and label maps, ImageNet's class folders: the first three and a count."""
+    for name in ('ade20k', 'imagenet'):
+        shutil.copytree(data / name, tmp_path / name)
+    ade_images = sorted((tmp_path / 'ade20k/images/training').iterdir())
+    ade_maps = sorted((tmp_path / 'ade20k/annotations/training').iterdir())
+    classes = sorted(p for p in (tmp_path / 'imagenet/train').iterdir())
+    paths = (empty(ade_images[0].parent, [ade_images[0].name])
+             + empty(ade_maps[0].parent, [ade_maps[0].name])
+             + empty(classes[0], [next(classes[0].iterdir()).name])
+             + empty(classes[1], [next(classes[1].iterdir()).name]))
+    with pytest.raises(ValueError) as error:
+        check_dataset(config(train=ade(str(tmp_path / 'ade20k')),
+                             val=ade(str(tmp_path / 'ade20k'), 'validation'),
+                             test=imagenet(str(tmp_path / 'imagenet'))))
+    first = '; '.join(sorted(paths)[:3])
+    assert str(error.value).startswith(f'empty (0-byte) image files: 4 ({first}; ...); ')
+
+
+def test_folder_scan_reads_sizes_only(data, tmp_path):
+    """Each folder once (a link back to a parent is not followed again), nothing decoded: a
+    file that is no image at all but has bytes passes, so does a broken link."""
+    root = tmp_path / 'imagenet'
+    shutil.copytree(data / 'imagenet', root)
+    (root / 'train' / 'loop').symlink_to(root / 'train')
+    (root / 'train' / 'broken.jpg').symlink_to(root / 'nowhere.jpg')
+    (root / 'train' / 'text.jpg').write_text('not an image')
+    check_dataset(config(train=imagenet(str(root))))
+    (root / 'train' / 'empty.JPEG').write_bytes(b'')
+    with pytest.raises(ValueError, match=re.escape(
+            f"empty (0-byte) image files: 1 ({root / 'train' / 'empty.JPEG'}); ")):
+        check_dataset(config(train=imagenet(str(root))))
+
+
+# --- annotation files nested too deeply, boxes that are not finite ---------------------------
+
+def test_deeply_nested_annotation_file_is_named(data, tmp_path):
+    root = tmp_path / 'coco'
+    shutil.copytree(data / 'coco', root)
+    ann = root / 'annotations' / 'instances_train2017.json'
+    ann.write_text('{"images": ' + '[' * 100000 + ']' * 100000 + '}')
+    with pytest.raises(ValueError, match=re.escape(f'{ann} is not valid JSON (nested too '
+                                                   'deeply): download or export')):
+        check_dataset(config(train=with_classes(coco(str(root)))))
+
+
+# --- an image's header ---------------------------------------------------------------------
+
+def _png_chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+
+def _cut_png(width, height):
+    """A PNG of ``width`` x ``height`` gray pixels whose data is cut short after a few rows."""
+    return (b'\x89PNG\r\n\x1a\n'
+            + _png_chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0))
+            + _png_chunk(b'IDAT', zlib.compress(bytes(4 * (width + 1)))))
+
+
+@pytest.mark.parametrize('ext,params', [
+    ('.png', []), ('.bmp', []), ('.jpg', []),
+    ('.jpg', [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])], ids=['png', 'bmp', 'jpeg', 'progressive'])
+def test_check_image_reads_the_size_opencv_decodes(tmp_path, ext, params):
+    path = str(tmp_path / f'image{ext}')
+    cv2.imwrite(path, np.zeros((37, 53, 3), np.uint8), params)
+    fmt, width, height = check_image(path)
+    assert fmt == {'.png': 'PNG', '.bmp': 'BMP', '.jpg': 'JPEG'}[ext]
+    assert cv2.imread(path).shape[:2] == (height, width) == (37, 53)
+
+
+@pytest.mark.parametrize('content,problem', [
+    (b'', 'the file is empty (0 bytes)'),
+    (b'GIF89a\x01\x00', 'it is not a PNG, JPEG or BMP image'),
+    (b'\xff\xd8\xff\xe0\x00\x10JFIF', 'its JPEG header is damaged (truncated?)'),
+    (b'\x89PNG\r\n\x1a\n\x00\x00', 'its PNG header is damaged (truncated?)')],
+    ids=['empty', 'gif', 'jpeg-cut', 'png-cut'])
+def test_check_image_names_what_it_cannot_read(tmp_path, content, problem):
+    path = tmp_path / 'image.png'
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        check_image(str(path))
+    assert str(error.value) == f'cannot read image {path}: {problem}'
+
+
+def test_check_image_refuses_what_opencv_refuses(tmp_path):
+    """A 60000x60000 PNG: OpenCV refuses it without naming the file; the check names it."""
+    path = tmp_path / 'huge.png'
+    path.write_bytes(_cut_png(60000, 60000))
+    with pytest.raises(cv2.error, match='CV_IO_MAX_IMAGE_PIXELS') as error:
+        cv2.imread(str(path))
+    assert str(path) not in str(error.value)
+    with pytest.raises(ValueError) as error:
+        check_image(str(path))
+    assert str(error.value).startswith(f'cannot read image {path}: it is a 60000x60000 PNG '
+                                       'image, larger than OpenCV decodes (1073741824 pixels')
 
 
 # --- annotations that change metrics or break evaluation -------------------------------------
@@ -183,8 +301,9 @@ def test_bad_annotations_are_counted_with_examples(many, tmp_path):
     assert reports == [
         f'{ann}: 4 (id {ids[0]}: bbox {coco_file["annotations"][0]["bbox"]}; id {ids[1]}: bbox '
         f'{coco_file["annotations"][1]["bbox"]}; id {ids[2]}: bbox '
-        f'{coco_file["annotations"][2]["bbox"]}; ...) annotations without a box of positive '
-        'width and height (mmdet trains without them, COCO evaluation counts them as missed)',
+        f'{coco_file["annotations"][2]["bbox"]}; ...) annotations without a finite box of '
+        'positive width and height (mmdet trains without them, COCO evaluation counts them as '
+        'missed)',
         f"{ann}: 2 (id {ids[4]}: category_id 99; id {ids[5]}: category_id 99) annotations of "
         "category ids missing from 'categories' (left out of training and evaluation)",
         f"{ann}: 1 (id {ids[6]}: image_id 999) annotations of image ids missing from 'images' "
@@ -196,6 +315,20 @@ def test_bad_annotations_are_counted_with_examples(many, tmp_path):
                           pipeline=[], filter_cfg=None)
     kept = sum(len(dataset.get_data_info(i)['instances']) for i in range(len(dataset)))
     assert len(ids) - kept == 4 + 2 + 1
+
+
+def test_boxes_that_are_not_finite_are_reported(many, tmp_path):
+    """A width of 1e400 reads as infinity (json, as mmdet reads the file), an x of NaN as NaN."""
+    def damage(coco):
+        coco['annotations'][0]['bbox'][2] = coco['annotations'][1]['bbox'][0] = 'number'
+    root, ann = edited_coco(many, tmp_path, damage)
+    ann.write_text(ann.read_text().replace('"number"', '1e400', 1).replace('"number"', 'NaN'))
+    anns = json.loads(ann.read_text())['annotations']
+    assert math.isinf(anns[0]['bbox'][2]) and math.isnan(anns[1]['bbox'][0])
+    assert check_dataset(config(train=with_classes(coco(str(root))))) == [
+        f"{ann}: 2 (id {anns[0]['id']}: bbox {anns[0]['bbox']}; id {anns[1]['id']}: bbox "
+        f"{anns[1]['bbox']}) annotations without a finite box of positive width and height "
+        '(mmdet trains without them, COCO evaluation counts them as missed)']
 
 
 def test_polygon_of_one_point_is_reported(many, tmp_path):

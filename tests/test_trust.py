@@ -3,12 +3,17 @@ numpy dtypes or remap mmengine's statistics; markers and subprocesses prove noth
 import ast
 import collections
 import datetime
+import io
 import itertools
 import os
 import pickle
+import re
+import struct
 import subprocess
 import sys
 import threading
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +269,11 @@ def test_random_bytes_are_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match='is not a checkpoint') as err:
         read_checkpoint(str(path))
     assert 'arbitrary' not in str(err.value)
+    path.write_bytes(b'root:x:0:0:root:/root:/bin/bash\n')  # round three, 6a: not quoted
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(str(path))
+    assert str(err.value) == (f'cannot read {path}: it is not a checkpoint (neither a PyTorch '
+                              'file, which is a zip archive or a pickle, nor safetensors)')
     (tmp_path / 'empty.pth').write_bytes(b'')
     with pytest.raises(CheckpointError, match='is empty'):
         read_checkpoint(str(tmp_path / 'empty.pth'))
@@ -301,12 +311,22 @@ def _shared(levels, make=lambda x: [x, x]):
     return x
 
 
+THE_PACKAGE = f'''
+sys.path.insert(0, {str(ROOT / 'tools')!r})
+from mmmetaformer.checkpoints import CheckpointError, read_checkpoint
+'''
+TRUST_ALONE = f'''
+import importlib.util
+spec = importlib.util.spec_from_file_location('trust', {str(ROOT / 'mmmetaformer/trust.py')!r})
+trust = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(trust)
+CheckpointError = trust.CheckpointError
+'''
 BOUNDED = '''
 import resource, sys, time
-sys.path.insert(0, {tools!r})
-from mmmetaformer.checkpoints import CheckpointError, read_checkpoint
+{imports}
 vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024
-resource.setrlimit(resource.RLIMIT_AS, (vm + 2 ** 31, resource.RLIM_INFINITY))  # a safety net
+resource.setrlimit(resource.RLIMIT_AS, (vm + {cap}, resource.RLIM_INFINITY))
 before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
 try:
     {call}
@@ -317,10 +337,11 @@ print(time.time() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss -
 '''
 
 
-def bounded(call, *args, timeout=120):
+def bounded(call, *args, timeout=120, cap=2**31, imports=THE_PACKAGE):
     """(the answer, seconds, bytes of memory) of running ``call`` (Python code, on
-    ``sys.argv``) in a subprocess whose address space is capped at 2 GiB over its imports."""
-    code = BOUNDED.format(tools=str(ROOT / 'tools'), call=call)
+    ``sys.argv``) after ``imports`` in a subprocess whose address space is capped at ``cap``
+    bytes over them (by default 2 GiB, a safety net)."""
+    code = BOUNDED.format(imports=imports, call=call, cap=cap)
     run = subprocess.run([sys.executable, '-c', code, *map(str, args)], capture_output=True,
                          text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert run.returncode == 0, run.stderr[-2000:]
@@ -411,3 +432,56 @@ def test_other_threads_get_torchs_answer(tmp_path):
 
     assert trust.inert(load_meanwhile, str(path))['meta']['x'] == np.float32(1.5)
     assert isinstance(answers[0], pickle.UnpicklingError) and 'numpy' in str(answers[0])
+
+
+# --- round three, 2: memory bounded by what the file holds ---------------------------------
+
+def _forge_member(path, declared, deflate):
+    """A torch file whose storage member declares ``declared`` bytes: a DEFLATE stream of that
+    many zeros (a few hundred bytes a MiB), or stored, of the size it really has."""
+    buffer = io.BytesIO()
+    torch.save(dict(state_dict={'w': torch.zeros(1)}), buffer)
+    compress = zlib.compressobj(9, zlib.DEFLATED, -15)
+    mib = compress.compress(bytes(2**20)) + compress.flush(zlib.Z_FULL_FLUSH)
+    stream = mib * (declared // 2**20) + compress.flush()
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(path, 'w') as out:
+        name = next(n for n in src.namelist() if n.endswith('/data/0')).encode()
+        for info in src.infolist():
+            storage = info.filename.encode() == name
+            out.writestr(info, stream if storage and deflate else src.read(info))
+    raw = bytearray(path.read_bytes())  # the member's method and size, in both its headers
+    central = raw.rindex(b'PK\x01\x02', 0, raw.rindex(name))
+    local = raw.rindex(b'PK\x03\x04', 0, raw.index(name))
+    for header, method, size in ((local, 8, 22), (central, 10, 24)):
+        struct.pack_into('<H', raw, header + method, 8 if deflate else 0)
+        struct.pack_into('<I', raw, header + size, declared)
+        if not deflate:
+            struct.pack_into('<I', raw, header + size - 4, declared)
+    path.write_bytes(raw)
+    return path
+
+
+@pytest.mark.parametrize('deflate', [True, False], ids=['compressed', 'oversized'])
+def test_members_larger_than_the_file_are_refused_before_allocation(tmp_path, deflate):
+    """A 1 MiB file whose storage member inflates to 1 GiB: torch allocates (and fills) the
+    declared size before it compares it with the tensor's; a stored member declaring more
+    than the file: torch allocates it before it reads past the end."""
+    path = _forge_member(tmp_path / 'bomb.pth', 2**30, deflate)
+    assert path.stat().st_size < 2**21
+    answer, seconds, memory = bounded('trust.load(sys.argv[1])', path, imports=TRUST_ALONE)
+    assert re.match(re.escape(f'refused: cannot read {path}: it is not a checkpoint as torch '
+                              'writes one (its zip members stored uncompressed): ') + (
+        r'1 of its \d+ members are compressed' if deflate else
+        r'its members declare 10737\d{5} bytes, the file has \d+'), answer), answer
+    assert memory < 100 * 2**20
+
+
+def test_allocation_failure_is_reported_as_such(tmp_path):
+    """Under a memory cap an intact file that does not fit is not called truncated."""
+    path = tmp_path / 'big.pth'
+    torch.save(dict(state_dict={'w': torch.zeros(32, 2**20)}), path)
+    answer, _, _ = bounded('trust.load(sys.argv[1])', path, cap=64 * 2**20,
+                           imports=TRUST_ALONE)
+    assert answer.startswith(f'refused: cannot read {path}: there is not enough memory to load '
+                             'it (RuntimeError: '), answer
+    assert 'truncated' not in answer
