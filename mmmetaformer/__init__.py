@@ -1,11 +1,16 @@
-"""MetaFormer backbones for OpenMMLab detection, segmentation and classification."""
-from . import patches, requirements
+"""MetaFormer backbones for OpenMMLab detection, segmentation and classification.
+
+Importing the package only registers (:mod:`mmmetaformer.registry`): the models, the run
+components its configs name, the checkpoint schemes, a file backend and the config scope.
+"""
+from . import requirements
 
 requirements.check()
-patches.apply()  # the listed changes to mmengine/mmcv/mmpretrain (mmmetaformer.patches)
 
-from .registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS  # noqa: E402
+from .registry import MODELS, register_extensions  # noqa: E402
 from . import engine, models  # noqa: F401,E402  (registers the modules)
 
+register_extensions()
+
 __version__ = '0.1.0'
-__all__ = ['MODELS', 'OPTIM_WRAPPER_CONSTRUCTORS', '__version__']
+__all__ = ['MODELS', '__version__']

@@ -1,31 +1,29 @@
-"""The one load path: read a checkpoint, validate its tensors, convert its layout, check the fit.
+"""The one load path, after reading: every checkpoint goes through these functions.
 
-    read_checkpoint   a path, an http(s) URL, ``timm://<name>`` or an mmengine file-backend URI
-                      -> the stored object, read by :mod:`mmmetaformer.trust` (safetensors by
-                      safetensors): nothing in a file runs
-    load_checkpoint_file  -> the flat state dict (containers, ``module.`` prefixes, EMA copies)
+    read              mmengine's ``CheckpointLoader``, whose schemes mmmetaformer registers
+                      (:mod:`mmmetaformer.sources`): nothing in a file runs
+    state_dict_of     -> the flat state dict (containers, ``module.`` prefixes, EMA copies)
     convert_to_canonical  -> this project's layout (:data:`FORMATS`): ``backbone.<name>`` in
                       :class:`~mmmetaformer.models.MetaFormer` names, ``head.norm/fc.*``; a
                       detector's or segmentor's neck and heads keep their names
-    check_fit         -> every tensor the model has, with its shape, before any value is read
+    check_backbone_fit / check_model_fit  -> every tensor the model has, with its shape
     validate_tensors  -> dense float tensors without NaN/Inf, read in bounded memory
 
-:func:`load_pretrained` (a backbone's ``init_cfg``) and :func:`fit_checkpoint_to_model`
-(mmengine's ``load_from``, ``tools/test.py``, ``init_detector``) run these steps in this order;
-nothing is copied into a model before all of them passed.
+:func:`load_backbone_checkpoint` (a backbone's ``init_cfg``) and :func:`load_model_checkpoint`
+(``load_from``, ``resume``, the tools) run these steps in this order, and so does the backbone's
+load hook for state dicts that reach it otherwise (mmengine's ``load_checkpoint``, as in
+``init_detector``): nothing is copied into a model before all of them passed.
 """
-import hashlib
-import os
+import logging
 import re
-import socket
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
-from urllib.parse import urlparse
 
 import torch
 from mmengine.logging import print_log
 
-from . import trust
 from .archs import ARCHS
 from .trust import CheckpointError
 
@@ -43,7 +41,6 @@ FORMATS = {
 #: Top-level modules of a detector / segmentor besides its backbone.
 HEADS = ('neck.', 'rpn_head.', 'roi_head.', 'bbox_head.', 'decode_head.', 'auxiliary_head.')
 
-_SCHEMES = ('http://', 'https://', 'timm://')
 _WEIGHTS_KEYS = ('state_dict', 'model', 'module')  # where trainers keep the weights
 _EMA_KEYS = ('state_dict_ema', 'model_ema')  # separate EMA copies (timm / DeiT trainers)
 _OUT_NORM = re.compile(r'^norm\d+\.')
@@ -80,134 +77,23 @@ def summarize(info: CheckpointInfo) -> str:
                                      for reason, keys in info.ignored.items() if keys)])
 
 
-# --- reading -----------------------------------------------------------------------------
-
-def read_checkpoint(source, map_location='cpu'):
-    """The object stored at ``source`` (a path, an http(s) URL, ``timm://<hub name>`` or an
-    mmengine file-backend URI), read without running any code from it."""
-    source = str(source)
-    if source.startswith('timm://'):
-        return _read_file(_download_timm(source[len('timm://'):]), source, map_location)
-    if source.startswith(('http://', 'https://')):
-        return _read_file(_download_url(source), source, map_location)
-    if '://' in source:
-        from mmengine.fileio.backends import backends, prefix_to_backends
-        scheme = source.split('://', 1)[0]
-        if scheme not in prefix_to_backends:
-            supported = [*_SCHEMES, *(f'{p}://' for p in prefix_to_backends if p)]
-            raise CheckpointError(
-                f'cannot read {source}: {scheme}:// is not a supported location; use a local '
-                f"path or one of {', '.join(dict.fromkeys(supported))} (mmengine file "
-                f"backends: {', '.join(backends)})")
-        from mmengine.fileio import get_local_path
-        with get_local_path(source) as path:
-            return _read_file(path, source, map_location)
-    if not os.path.isfile(source):
-        raise CheckpointError(f'checkpoint file not found: {source}')
-    return _read_file(source, source, map_location)
+def read(source, map_location='cpu'):
+    """The checkpoint at ``source`` (a path, URL, ``timm://`` name or mmengine URI), read by
+    mmengine's ``CheckpointLoader`` through the schemes of :mod:`mmmetaformer.sources`."""
+    from mmengine.runner import CheckpointLoader
+    return CheckpointLoader.load_checkpoint(str(source), map_location, logger='current')
 
 
-def _read_file(path: str, source: str, map_location):
-    with open(path, 'rb') as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:] == b'{':  # safetensors: u64 header size, then JSON
-        from safetensors.torch import load_file
-        try:
-            return load_file(path)
-        except Exception as err:
-            raise CheckpointError(trust.unreadable(source, err)) from err
-    return trust.load(path, source, map_location)
-
-
-def url_cache_name(url: str) -> str:
-    """The file name a download of ``url`` is cached under: made from the whole URL, so that
-    two URLs ending in the same name do not share it."""
-    return f'{hashlib.sha256(url.encode()).hexdigest()[:16]}-{os.path.basename(urlparse(url).path)}'
-
-
-def _download_url(url: str) -> str:
-    """Download ``url`` once into torch's hub cache, under a name made from the whole URL."""
-    from torch.hub import download_url_to_file, get_dir
-    path = os.path.join(get_dir(), 'checkpoints', url_cache_name(url))
-    if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        print_log(f'Downloading {url} to {path}', logger='current')
-        try:
-            download_url_to_file(url, path)
-        except Exception as err:
-            raise CheckpointError(
-                f'cannot download {url} ({type(err).__name__}: {err}). If this machine is '
-                f'offline, download it elsewhere, copy it to {path} or pass its local '
-                'path instead.') from err
-    return path
-
-
-def _download_timm(name: str) -> str:
-    """The local file of the timm hub weights ``name``, e.g. ``caformer_s18.sail_in1k``."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    from timm.models import get_pretrained_cfg
-    try:
-        cfg = get_pretrained_cfg(name)
-    except RuntimeError:
-        cfg = None
-    if cfg is None or not cfg.hf_hub_id:
-        raise CheckpointError(
-            f"timm://{name}: timm has no pretrained weights of that name; timm's MetaFormer "
-            "weights are listed by timm.list_pretrained('*former*'), e.g. "
-            'timm://caformer_s18.sail_in22k_ft_in1k')
-    hub_id, error = cfg.hf_hub_id, None
-    offline = not _hub_reachable()  # then only the local cache, at once (no 35 s of retries)
-    for filename in ('model.safetensors', 'pytorch_model.bin'):
-        try:
-            return hf_hub_download(hub_id, filename, local_files_only=offline)
-        except (LocalEntryNotFoundError, EntryNotFoundError) as err:  # not cached / no file
-            error = err
-        except Exception as err:
-            error = err
-            break
-    from huggingface_hub import constants
-    reason = f'{constants.ENDPOINT} is out of reach and it is not in the local cache' \
-        if offline else f'{type(error).__name__}: {error}'
-    raise CheckpointError(
-        f'cannot fetch timm://{name} from the Hugging Face hub (repo {hub_id}): {reason}\n'
-        f'If this machine is offline, download https://huggingface.co/{hub_id}/resolve/main/'
-        'model.safetensors on a connected one and pass its local path instead (or copy its '
-        'Hugging Face cache).')
-
-
-def _hub_reachable(timeout: float = 3.) -> bool:
-    """False in huggingface_hub's offline mode or when its endpoint takes no TCP connection
-    within ``timeout`` seconds (name lookup included)."""
-    from concurrent.futures import ThreadPoolExecutor
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    address = (url.hostname, url.port or (443 if url.scheme == 'https' else 80))
-    pool = ThreadPoolExecutor(1)
-    try:
-        pool.submit(socket.create_connection, address, timeout).result(timeout).close()
-        return True
-    except Exception:
-        return False
-    finally:
-        pool.shutdown(wait=False)
-
-
-def load_checkpoint_file(checkpoint, use_ema: bool = False, source: str = '<state dict>'
-                         ) -> Tuple[dict, CheckpointInfo]:
-    """The flat state dict of a checkpoint (a path/URL, or an object read from ``source``).
+def state_dict_of(checkpoint: Mapping, source: str, use_ema: bool = False
+                  ) -> Tuple[dict, CheckpointInfo]:
+    """The flat state dict of ``checkpoint`` (read from ``source``) and what was found.
 
     Unwraps ``state_dict``/``model``/``module`` and ``module.`` prefixes and handles EMA
     copies: mmengine's EMAHook saves the EMA weights as ``state_dict`` (the raw ones, in
     ``ema_state_dict``, are ignored); a separate copy (timm ``state_dict_ema``, mmcv 1.x
     ``ema_*`` buffers) is ignored unless ``use_ema``.
     """
-    if isinstance(checkpoint, Mapping):
-        obj, info = checkpoint, CheckpointInfo(source)
-    else:
-        obj, info = read_checkpoint(checkpoint), CheckpointInfo(str(checkpoint))
+    obj, info = checkpoint, CheckpointInfo(source)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'{info.source} holds a {type(obj).__name__}, not a state dict')
     if isinstance(obj.get('meta'), Mapping):
@@ -422,27 +308,18 @@ def _modules(keys):
                    for k in keys})
 
 
-def check_fit(state: Mapping, model, info: CheckpointInfo, what: Optional[str] = None) -> dict:
-    """The tensors of ``state`` to load into ``model``, checked by name and shape only.
-
-    ``model`` is a MetaFormer backbone (``state`` in its names; every tensor but the output
-    norms must be there) or a detector / segmentor whose ``backbone`` is one (``state`` in
-    whole-model names, exactly the model's tensors). Otherwise raises
-    :class:`CheckpointError` saying what the checkpoint looks like and what does not fit.
-    """
-    whole = hasattr(model, 'backbone')
-    backbone = model.backbone if whole else model
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    prefix = 'backbone.' if whole else ''
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def check_backbone_fit(weights: Mapping, backbone, info: CheckpointInfo) -> dict:
+    """The tensors of ``weights`` (in the names of ``backbone``, a MetaFormer) to load: every
+    tensor of the backbone but its output norms, with its shape, and nothing else. Otherwise
+    raises :class:`CheckpointError` saying what the checkpoint looks like and what does not
+    fit."""
+    expected = {k: v.shape for k, v in backbone.state_dict().items()}
 
     def name(k):  # with the checkpoint's own key where it differs
         src = info.source_keys.get('backbone.' + k, k)
         return k if src in (k, 'backbone.' + k) else f'{k} (checkpoint key {src!r})'
 
-    lines, _ = _differences(weights, {k[len(prefix):]: v for k, v in expected.items()
-                                      if k.startswith(prefix)},
-                            'backbone', lambda k: _OUT_NORM.match(k), name)
+    lines, _ = _differences(weights, expected, 'backbone', lambda k: _OUT_NORM.match(k), name)
     if lines:
         target = arch_name(backbone.arch_settings)
         guesses = info.arch_guesses
@@ -460,23 +337,51 @@ def check_fit(state: Mapping, model, info: CheckpointInfo, what: Optional[str] =
                                          else 'Nothing was loaded: use the backbone arch the '
                                          'checkpoint was trained with, or a checkpoint of this '
                                          'arch.']))
-    if not whole:
-        info.ignore('output norms the backbone does not have',
-                    [k for k in weights if k not in expected])
-        return {k: v for k, v in weights.items() if k in expected}
+    info.ignore('output norms the backbone does not have',
+                [k for k in weights if k not in expected])
+    return {k: v for k, v in weights.items() if k in expected}
 
-    lines, wrong = _differences(state, expected, 'model', where=_modules)
-    if lines:
-        if any(re.search(r'(fc_cls|conv_logits|retina_cls|conv_seg)\.weight$', k) for k in wrong):
-            lines.append('  (the classifier shapes differ: the file was trained for another '
-                         'number of classes)')
-        raise CheckpointError('\n'.join([
-            f'{what} does not fit the {model_kind(expected)} ({type(model).__name__}) of the '
-            f'config, which has {len(expected)} tensors:', *lines,
-            'Nothing was loaded: use the config of the model the file was trained with, or to '
-            "start from its backbone alone, name the file in the config's "
-            "model.backbone.init_cfg=dict(type='Pretrained', checkpoint=...)."]))
-    return dict(state)
+
+def model_differences(state: Mapping, model) -> Tuple[List[str], List[str], List[str]]:
+    """The keys of ``model``'s tensors missing from ``state``, the keys of ``state`` the model
+    does not have, and the keys whose shapes differ."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    return missing, unexpected, wrong
+
+
+def check_model_fit(state: Mapping, model, what: str, purpose: str = 'load') -> List[str]:
+    """Raise :class:`CheckpointError` unless ``state`` (whole-model names, read from ``what``)
+    holds exactly the tensors of ``model``, each with its shape. ``purpose``: ``'load'``,
+    ``'resume'`` (a one-line error naming the first difference) or ``'fine-tune'`` (tensors of
+    another shape are allowed, as from a file trained for another number of classes: their keys
+    are returned, to be left at their initialisation)."""
+    missing, unexpected, wrong = model_differences(state, model)
+    if not (missing or unexpected or wrong) or (
+            purpose == 'fine-tune' and not (missing or unexpected)):
+        return wrong
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if purpose == 'resume':
+        first_difference = (
+            f'{wrong[0]} is {tuple(state[wrong[0]].shape)} in the file and '
+            f'{tuple(expected[wrong[0]])} in the model' if wrong else
+            f'the model has no {unexpected[0]}' if unexpected else f'the file has no {missing[0]}')
+        raise CheckpointError(
+            f'cannot resume from {what}: it was saved by a run of another model or config '
+            f'({first_difference}); to start from its weights instead, set load_from to it and '
+            'resume=False (tensors of another shape then keep their initialisation)')
+    lines, _ = _differences(state, expected, 'model', where=_modules)
+    if any(re.search(r'(fc_cls|conv_logits|retina_cls|conv_seg|fc)\.weight$', k) for k in wrong):
+        lines.append('  (the classifier shapes differ: the file was trained for another number '
+                     'of classes; to fine-tune from it, name it in load_from of a training run)')
+    raise CheckpointError('\n'.join([
+        f'{what} does not fit the {model_kind(expected)} ({type(model).__name__}) of the '
+        f'config, which has {len(expected)} tensors:', *lines,
+        'Nothing was loaded: use the config of the model the file was trained with, or to start '
+        "from its backbone alone, name the file in the config's "
+        "model.backbone.init_cfg=dict(type='Pretrained', checkpoint=...)."]))
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -521,41 +426,6 @@ def validate_tensors(state: Mapping[str, torch.Tensor], source: str,
                                          *lines[:8], 'Nothing was loaded.']))
 
 
-# --- loading -----------------------------------------------------------------------------
-
-def load_pretrained(backbone, checkpoint, prefix: Optional[str] = None,
-                    use_ema: bool = False) -> CheckpointInfo:
-    """Load any supported checkpoint (path, URL, ``timm://name`` or a loaded dict) into a
-    :class:`~mmmetaformer.models.MetaFormer`; ``prefix`` keeps only the keys under it.
-
-    Strict for the backbone (all tensors but the output norms, right shapes, nothing
-    unknown); the classifier head and EMA copies are ignored and logged.
-    """
-    state, info = load_checkpoint_file(checkpoint, use_ema)
-    if prefix:  # mmengine's convention: only the keys under it, stripped
-        under = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if not under:
-            tops = sorted({k.split('.')[0] + '.' for k in state})
-            raise CheckpointError(f'{info.source} has no keys under prefix {prefix!r} '
-                                  f'(its top-level prefixes: {tops[:10]})')
-        state = under
-    state, info = convert_to_canonical(state, info)
-    info.ignore('classifier head', [k for k in state if k.startswith('head.')])
-    weights = check_fit({k[len('backbone.'):]: v for k, v in state.items()
-                         if k.startswith('backbone.')}, backbone, info)
-    validate_tensors(weights, f'checkpoint {info.describe()}')
-    backbone.load_state_dict(weights, strict=False)
-    new = sorted({k.split('.')[0] for k in backbone.state_dict() if k not in weights})
-    target = arch_name(backbone.arch_settings) or f'a custom {type(backbone).__name__} arch'
-    msg = (f'Loaded {len(weights)} tensors from {info.describe()} into '
-           f'{type(backbone).__name__} ({target})')
-    if new:
-        msg += f"; output norms {', '.join(new)} are new layers, not in the checkpoint"
-    extra = summarize(info)
-    print_log(msg + (f'; {extra}' if extra else ''), logger='current')
-    return info
-
-
 _KINDS = (('roi_head.mask_head.', 'Mask R-CNN'), ('roi_head.', 'two-stage detector'),
           ('bbox_head.retina_', 'RetinaNet'), ('bbox_head.', 'one-stage detector'),
           ('decode_head.scale_heads.', 'Semantic FPN'), ('decode_head.', 'segmentor'))
@@ -580,36 +450,142 @@ def describe_source(state: Mapping, info: CheckpointInfo) -> str:
     return f"{info.source} ({model_kind(state)}{', ' + toolbox if toolbox else ''})"
 
 
-def fit_checkpoint_to_model(model, checkpoint: Mapping, source: str, strict: bool
-                            ) -> Tuple[Mapping, bool]:
-    """``checkpoint`` (read from ``source``) as mmengine should load it into ``model``, a
-    detector or segmentor whose backbone is this project's, and whether strictly.
 
-    A whole-model file is found under ``state_dict``, ``model`` or ``module``, its keys with or
-    without ``module.``. Ours (the published dense-prediction files, whose backbone is in the
-    PoolFormer v1 layout: converted here, as mmdet 2.19 -> 3.3 and mmseg 0.19 -> 1.2 renamed
-    none of their necks' and heads' parameters; or a file of the whole-model conversion) must
-    hold exactly the model's tensors, validated, else :class:`CheckpointError`.
+
+# --- loading ------------------------------------------------------------------------------
+_thread = threading.local()  # .read: (source, tensor id -> weakref); .checked: bool
+
+
+def remember_source(checkpoint, source: str) -> None:
+    """Note that the tensors of ``checkpoint`` were read from ``source``: the last read of this
+    thread, which :func:`source_of` recognises by the tensors themselves (weakly held)."""
+    tensors = {}
+    for mapping in (checkpoint, *(checkpoint.get(k) for k in _WEIGHTS_KEYS)) \
+            if isinstance(checkpoint, Mapping) else ():
+        if isinstance(mapping, Mapping):
+            tensors.update((id(v), weakref.ref(v)) for v in mapping.values()
+                           if isinstance(v, torch.Tensor))
+    _thread.read = (source, tensors)
+
+
+def source_of(tensors) -> Optional[str]:
+    """The source :func:`remember_source` noted for any of ``tensors``, else None."""
+    source, refs = getattr(_thread, 'read', (None, {}))
+    for tensor in tensors:
+        ref = refs.get(id(tensor))
+        if ref is not None and ref() is tensor:
+            return source
+    return None
+
+
+def checked_load() -> bool:
+    """Whether this thread is loading a state dict the functions below have checked."""
+    return getattr(_thread, 'checked', False)
+
+
+def backbone_weights(local: Mapping, info: CheckpointInfo) -> dict:
+    """``local`` (a state dict in the keys under a backbone, in any :data:`FORMATS` layout) in
+    the backbone's own names; a classifier head is ignored."""
+    if not local:
+        return {}
+    canonical, info = convert_to_canonical(local, info)
+    info.ignore('classifier head', [k for k in canonical if k.startswith('head.')])
+    weights = {k[len('backbone.'):]: v for k, v in canonical.items() if k.startswith('backbone.')}
+    if info.format not in ('timm', 'mmmetaformer'):  # renamed: say how
+        norms = sorted({(re.search(r'(norm\d+)\.', info.source_keys['backbone.' + k])[1],
+                         k.split('.')[0]) for k in weights if _OUT_NORM.match(k)})
+        info.notes.append(f'converted {len(weights)} backbone tensors from the '
+                          f'{FORMATS[info.format][1]}' + (' (output norms ' + ', '.join(
+                              f'{a} -> {b}' for a, b in norms) + ')' if norms else ''))
+    return weights
+
+
+def check_backbone_state(backbone, local: dict) -> Tuple[dict, Optional[str]]:
+    """The tensors a MetaFormer's load hook copies in for ``local`` (a state dict under the
+    backbone's prefix), converted, checked and validated, and the file they were read from
+    (None for a state dict from elsewhere)."""
+    source = source_of(local.values())
+    info = CheckpointInfo(source or 'the state dict')
+    weights = check_backbone_fit(backbone_weights(local, info), backbone, info)
+    validate_tensors(weights, f'checkpoint {info.describe()}', backbone.state_dict())
+    if info.notes:
+        print_log(f'{info.source}: ' + '; '.join(info.notes), logger='current')
+    return weights, source
+
+
+def load_backbone_checkpoint(backbone, checkpoint, prefix: Optional[str] = None,
+                             use_ema: bool = False) -> CheckpointInfo:
+    """Load any supported checkpoint (a path, URL or ``timm://name``, or what was read from one)
+    into a MetaFormer backbone: ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=None,
+    use_ema=False)``; ``prefix`` keeps only the keys under it.
+
+    Strict for the backbone (all tensors but the output norms, right shapes, nothing
+    unknown); the classifier head and EMA copies are ignored and logged.
     """
-    state, info = load_checkpoint_file(checkpoint, source=source)
-    if not (is_whole_model(state) and any(hasattr(model, h.rstrip('.')) for h in HEADS)):
-        return checkpoint, strict
-    convert = 'backbone.patch_embed.proj.weight' in state  # the PoolFormer v1 layout
-    if not (convert or str(info.meta.get('converted_by', '')).startswith('mmmetaformer')):
-        wrapped = not isinstance(checkpoint.get('state_dict'), Mapping)
-        return (dict(checkpoint, state_dict=state) if wrapped else checkpoint), strict
-    what = describe_source(state, info)
-    if convert:
-        state, info = convert_to_canonical(state, info, whole_model=True)
-    state = check_fit(state, model, info, what)
+    state, info = state_dict_of(*((checkpoint, '<state dict>') if isinstance(
+        checkpoint, Mapping) else (read(checkpoint), str(checkpoint))), use_ema)
+    if prefix:  # mmengine's convention: only the keys under it, stripped
+        under = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not under:
+            tops = sorted({k.split('.')[0] + '.' for k in state})
+            raise CheckpointError(f'{info.source} has no keys under prefix {prefix!r} '
+                                  f'(its top-level prefixes: {tops[:10]})')
+        state = under
+    weights = check_backbone_fit(backbone_weights(state, info), backbone, info)
+    validate_tensors(weights, f'checkpoint {info.describe()}', backbone.state_dict())
+    load_state(backbone, weights)
+    new = sorted({k.split('.')[0] for k in backbone.state_dict() if k not in weights})
+    target = arch_name(backbone.arch_settings) or f'a custom {type(backbone).__name__} arch'
+    msg = (f'Loaded {len(weights)} tensors from {info.describe()} into '
+           f'{type(backbone).__name__} ({target})')
+    if new:
+        msg += f"; output norms {', '.join(new)} are new layers, not in the checkpoint"
+    extra = summarize(info)
+    print_log(msg + (f'; {extra}' if extra else ''), logger='current')
+    return info
+
+
+def prepare_model_state(model, checkpoint: Mapping, source, purpose: str = 'load') -> dict:
+    """The state dict of the whole-model ``checkpoint`` (read from ``source``) to load into
+    ``model``, a detector, segmentor or classifier with MetaFormer backbones (a backbone alone:
+    :func:`load_backbone_checkpoint`): every tensor of the model, each with its shape (see :func:`check_model_fit` for
+    ``purpose``), the backbones' tensors in any supported layout, validated."""
+    from .models.metaformer import MetaFormer
+    state, info = state_dict_of(checkpoint, str(source))
+    what = str(source) if purpose == 'resume' else describe_source(state, info)
+    if isinstance(getattr(model, 'backbone', None), MetaFormer) and not any(
+            k.startswith('backbone.') for k in state):  # a classifier's or a backbone's file
+        state, info = convert_to_canonical(state, info)
+    for name in [name for name, m in model.named_modules() if isinstance(m, MetaFormer)]:
+        local = {k[len(name) + 1:]: state.pop(k) for k in list(state)
+                 if k.startswith(name + '.')}
+        state.update((f'{name}.{k}', v) for k, v in backbone_weights(local, info).items())
+    kept = check_model_fit(state, model, what, purpose)
+    for key in kept:
+        del state[key]
     validate_tensors(state, what, model.state_dict())
-    if convert:
-        norms = sorted({(src.split('.')[1], key.split('.')[1])
-                        for key, src in info.source_keys.items()
-                        if re.match(r'^backbone\.norm\d+\.', key)})
-        backbone = sum(k.startswith('backbone.') for k in state)
-        print_log(f'Converted {what} in memory for {type(model).__name__}: {backbone} '
-                  'backbone tensors to the mmmetaformer layout (output norms '
-                  + ', '.join(f'{a} -> {b}' for a, b in norms) + f'), {len(state) - backbone} '
-                  'neck/head tensors as they are; optimizer state ignored', logger='current')
-    return dict(meta=info.meta, state_dict=state), True
+    extra = summarize(info)
+    print_log(f'Loading {len(state)} tensors of {what} into {type(model).__name__}'
+              + (f'; {extra}' if extra else ''), logger='current')
+    if kept:
+        print_log(f'{len(kept)} tensors of {what} have other shapes than the model\'s and keep '
+                  f'their initialisation (fine-tuning): {first(kept)}', logger='current',
+                  level=logging.WARNING)
+    return state
+
+
+def load_state(model, state: Mapping) -> None:
+    """Copy ``state``, made by :func:`prepare_model_state`, into ``model``."""
+    _thread.checked = True
+    try:
+        model.load_state_dict(state, strict=False)
+    finally:
+        _thread.checked = False
+
+
+def load_model_checkpoint(model, source, map_location='cpu', purpose: str = 'load') -> Mapping:
+    """Read the checkpoint at ``source``, check it fits ``model`` whole
+    (:func:`prepare_model_state`) and load it; returns the checkpoint."""
+    checkpoint = read(source, map_location)
+    load_state(model, prepare_model_state(model, checkpoint, source, purpose))
+    return checkpoint

@@ -18,6 +18,11 @@ PREPARE_DATASETS = 'docs/user_guides/train_test.md#prepare-datasets'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
+
+class DatasetError(ValueError):
+    """A dataset file that is damaged or cannot be read; the message names it."""
+
+
 def _leaf_datasets(dataset):
     """Yield the dataset dicts inside wrappers (``dataset`` / ``datasets`` keys)."""
     if dataset.get('dataset') is not None:
@@ -76,7 +81,7 @@ def _read_coco(path):
         tail = f.read().rstrip()
         if head[:1] != b'{' or tail[-1:] != b'}':
             state = 'empty' if not size else 'not a JSON object (truncated?)'
-            raise ValueError(f'{path} is {state}: download or export the annotation file again')
+            raise DatasetError(f'{path} is {state}: download or export the annotation file again')
         if size > JSON_PARSE_LIMIT:
             return None
         f.seek(0)
@@ -84,15 +89,15 @@ def _read_coco(path):
             coco = json.load(f)
         except (ValueError, RecursionError) as err:
             problem = err if isinstance(err, ValueError) else 'nested too deeply'
-            raise ValueError(f'{path} is not valid JSON ({problem}): download or export the '
+            raise DatasetError(f'{path} is not valid JSON ({problem}): download or export the '
                              'annotation file again') from None
     missing = [k for k in ('images', 'categories') if k not in coco]
     if missing:
-        raise ValueError(f"{path} is not a COCO annotation file: it has no {missing}")
+        raise DatasetError(f"{path} is not a COCO annotation file: it has no {missing}")
     for key in ('images', 'categories', 'annotations'):
         records = coco.setdefault(key, [])
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise ValueError(f"{path} is not a COCO annotation file: '{key}' is not a list of "
+            raise DatasetError(f"{path} is not a COCO annotation file: '{key}' is not a list of "
                              'objects')
     return coco
 
@@ -103,7 +108,7 @@ def _coco_reports(path, coco, classes):
     names = [c.get('name') for c in categories]
     unknown = [c for c in classes or () if c not in names]
     if unknown:
-        raise ValueError(f"{path}: the config's classes {_examples(unknown)} are not category "
+        raise DatasetError(f"{path}: the config's classes {_examples(unknown)} are not category "
                          f"names of the file, which has {_examples(names, 8)}: set the "
                          "dataset's metainfo=dict(classes=...) to names of the file")
     image_ids, category_ids = ({_id(r.get('id')) for r in rs} for rs in (images, categories))
@@ -203,7 +208,7 @@ def check_dataset(cfg):
             f"{label} not found at {root}: expected {_join(paths) if paths else 'a directory'} "
             f'(see {PREPARE_DATASETS})' for (label, root), paths in missing.items()))
     if empty:
-        raise ValueError(f'empty (0-byte) image files: {_examples(sorted(set(empty)), cut=None)}'
+        raise DatasetError(f'empty (0-byte) image files: {_examples(sorted(set(empty)), cut=None)}'
                          '; mmcv cannot decode them: download or extract them again, or leave '
                          'them out of the dataset')
     return reports
@@ -270,7 +275,7 @@ def check_image(path):
     with open(path, 'rb') as f:
         head = f.read(32)
         if not head:
-            raise ValueError(f'cannot read image {path}: the file is empty (0 bytes)')
+            raise DatasetError(f'cannot read image {path}: the file is empty (0 bytes)')
         if head.startswith(b'\x89PNG\r\n\x1a\n'):  # the first chunk: IHDR, width, height
             fmt = 'PNG'
             size = struct.unpack('>II', head[16:24]) if head[12:16] == b'IHDR' else None
@@ -281,14 +286,14 @@ def check_image(path):
         elif head.startswith(b'\xff\xd8'):
             fmt, size = 'JPEG', _jpeg_size(f)
         else:
-            raise ValueError(f'cannot read image {path}: it is not a PNG, JPEG or BMP image')
+            raise DatasetError(f'cannot read image {path}: it is not a PNG, JPEG or BMP image')
     if size is None or len(size) != 2 or min(size) <= 0:
-        raise ValueError(f'cannot read image {path}: its {fmt} header is damaged (truncated?)')
+        raise DatasetError(f'cannot read image {path}: its {fmt} header is damaged (truncated?)')
     width, height = size
     pixels, widths, heights = (_opencv_limit(name, default) for name, default in (
         ('PIXELS', 1 << 30), ('WIDTH', 1 << 20), ('HEIGHT', 1 << 20)))
     if width * height > pixels or width > widths or height > heights:
-        raise ValueError(
+        raise DatasetError(
             f'cannot read image {path}: it is a {width}x{height} {fmt} image, larger than '
             f'OpenCV decodes ({pixels} pixels, {widths}x{heights} at most; the environment '
             'variables OPENCV_IO_MAX_IMAGE_PIXELS, _WIDTH and _HEIGHT set these limits)')

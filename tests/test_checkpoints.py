@@ -25,7 +25,9 @@ from timm.models.metaformer import MetaFormer as TimmMetaFormer
 from torch.utils.data import Dataset
 
 import mmmetaformer.checkpoints as ckpt
-from mmmetaformer.checkpoints import CheckpointError, load_pretrained, read_checkpoint
+from mmmetaformer.checkpoints import load_backbone_checkpoint
+from mmmetaformer.sources import read_checkpoint
+from mmmetaformer.trust import CheckpointError
 from mmmetaformer.models import MetaFormer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,7 +297,7 @@ def test_ema_copies_and_module_prefix(logs):
 
     def loaded(checkpoint, **kw):
         model = backbone(name)
-        load_pretrained(model, checkpoint, **kw)
+        load_backbone_checkpoint(model, checkpoint, **kw)
         return model.stem.conv.weight.flatten()[0].item()
 
     mmengine_ema = dict(state_dict={f'backbone.{k}': v for k, v in ema.items()},
@@ -343,7 +345,7 @@ def test_wrong_arch_named_by_its_shapes():
         layout = timm.create_model('convformer_m36').state_dict()
     state = to_official({k: torch.empty(v.shape) for k, v in layout.items()})
     with pytest.raises(CheckpointError) as err:
-        load_pretrained(backbone('caformer_s18'), state)
+        load_backbone_checkpoint(backbone('caformer_s18'), state)
     message = str(err.value)
     assert ('dims [96, 192, 384, 576]' in message and '(looks like convformer_m36) but the '
             'backbone is caformer_s18 (stage depths [3, 3, 9, 3], dims [64, 128, 320, 512]'
@@ -359,10 +361,10 @@ def test_extra_and_missing_tensors():
                        r"but its tensors do not fit:\n  unexpected 1 tensors: "
                        r"stages.0.blocks.0.token_mixer.extra.weight \(checkpoint key "
                        r"'stages.0.0.token_mixer.extra.weight'\)"):
-        load_pretrained(backbone('caformer_s18'), state)
+        load_backbone_checkpoint(backbone('caformer_s18'), state)
     del state['stages.0.0.token_mixer.extra.weight'], state['stages.3.2.mlp.fc2.weight']
     with pytest.raises(CheckpointError, match='missing 1 tensors: stages.3.blocks.2.mlp.fc2'):
-        load_pretrained(backbone('caformer_s18'), state)
+        load_backbone_checkpoint(backbone('caformer_s18'), state)
 
 
 @pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
@@ -404,10 +406,10 @@ def test_unknown_layout_and_prefix():
     with pytest.raises(CheckpointError, match='checkpoint file not found: missing.pth'):
         read_checkpoint('missing.pth')
     with pytest.raises(CheckpointError, match='unrecognised checkpoint layout'):
-        load_pretrained(backbone('poolformerv2_s12'), {'encoder.weight': torch.zeros(1)})
+        load_backbone_checkpoint(backbone('poolformerv2_s12'), {'encoder.weight': torch.zeros(1)})
     state = to_official(source('poolformerv2_s12')[1])
     with pytest.raises(CheckpointError, match="no keys under prefix 'backbone.'"):
-        load_pretrained(backbone('poolformerv2_s12'), state, prefix='backbone.')
+        load_backbone_checkpoint(backbone('poolformerv2_s12'), state, prefix='backbone.')
 
 
 def test_ambiguous_arch_needs_flag(tmp_path):
@@ -456,6 +458,6 @@ def test_two_keys_for_one_tensor_are_refused(twin):
     model = backbone('poolformer_s12')
     before = model.stem.conv.weight.clone()
     with pytest.raises(CheckpointError) as err:
-        load_pretrained(model, state)
+        load_backbone_checkpoint(model, state)
     assert all(repr(name) in str(err.value) for name in names), str(err.value)
     assert 'backbone.stem.conv.weight' in str(err.value) and model.stem.conv.weight.equal(before)

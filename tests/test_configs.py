@@ -1,5 +1,6 @@
 """Every detection/segmentation config parses, follows its recipe, builds its model (pretrained
 off) and runs a forward; the backbone swaps into mmdet's and mmseg's own configs."""
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from mmengine.registry import DefaultScope
 
 import mmmetaformer  # noqa: F401
 from mmmetaformer.archs import ARCHS
+from mmmetaformer.engine.runner import params_without_gradient
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / 'configs'
@@ -210,13 +212,13 @@ def unused_by_one_loss(cfg):
     for recipe in RECIPES}))
 def test_every_parameter_trains(name):
     """One training loss reaches every trainable parameter: DDP, as the recipes run it
-    (``find_unused_parameters=False``), stops at the second iteration otherwise; and
-    tools/train.py's check before a DDP run finds nothing to report."""
-    import train
+    (``find_unused_parameters=False``), stops at the second iteration otherwise; and the
+    SafeRunner's check before a DDP run finds nothing to report."""
     cfg = load(name)
     unused = unused_by_one_loss(cfg)
     assert not unused, f'{name}: parameters without a gradient: {unused[:8]}'
-    assert train.params_without_gradient(cfg.model, cfg.default_scope) == []
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        assert params_without_gradient(build_model(cfg)) == []
 
 
 # mmdet's / mmseg's own configs with the backbone swapped as a user would, nothing else: the
@@ -239,13 +241,13 @@ model = dict(backbone=dict(_delete_=True, type='mmmetaformer.ConvFormer', arch='
 
 @pytest.mark.parametrize('name', sorted(SKIPPING_SWAPS))
 def test_check_before_ddp_finds_what_one_loss_leaves_out(name, tmp_path):
-    """tools/train.py's check before a DDP run names exactly the parameters one training loss
+    """The SafeRunner's check before a DDP run names exactly the parameters one training loss
     leaves without a gradient: the output norms of the skipped stages."""
-    import train
     path = tmp_path / 'swap.py'
     path.write_text(SKIPPING_SWAPS[name])
     cfg = Config.fromfile(str(path))
-    found = train.params_without_gradient(cfg.model, cfg.default_scope)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        found = params_without_gradient(build_model(copy.deepcopy(cfg)))
     skipped = ('norm0.', ) if name == 'retinanet' else ('norm0.', 'norm1.')
     assert found and all(n.startswith(tuple(f'backbone.{s}' for s in skipped)) for n in found)
     assert found == unused_by_one_loss(cfg)

@@ -23,7 +23,8 @@ from mmengine.runner import load_checkpoint
 from mmengine.structures import InstanceData
 
 import mmmetaformer  # noqa: F401
-from mmmetaformer.checkpoints import CheckpointError
+from mmmetaformer.checkpoints import load_model_checkpoint
+from mmmetaformer.trust import CheckpointError
 from mmmetaformer.models import MetaFormer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +187,7 @@ def test_mask_rcnn_official_file(mask_rcnn, tmp_path, logs):
     assert_loads(dst, cfg, reference, state)
     assert not logs  # a converted file needs no conversion
     assert_loads(path, cfg, reference, state)  # the original file, converted in memory
-    assert len(logs) == 1 and 'Mask R-CNN, mmdet 2.19.0' in logs[0] and str(path) in logs[0]
+    assert len(logs) == 1 and str(path) in logs[0] and 'official PoolFormer v1' in logs[0]
     assert 'norm6 -> norm3' in logs[0]
     backbone = MetaFormer(arch='poolformer_s12', init_cfg=dict(type='Pretrained',
                                                                checkpoint=str(path)))
@@ -221,7 +222,7 @@ def test_semantic_fpn_files(toolbox, tmp_path, logs):
     assert set(converted) == set(build(cfg).state_dict())
     assert_loads(dst, cfg, reference, state)
     assert_loads(path, cfg, reference, state)
-    assert len(logs) == 1 and 'Semantic FPN' in logs[0]
+    assert len(logs) == 1 and 'converted 136 backbone tensors' in logs[0]
 
 
 def test_file_of_another_model_is_refused(mask_rcnn, retinanet, tmp_path):
@@ -231,8 +232,8 @@ def test_file_of_another_model_is_refused(mask_rcnn, retinanet, tmp_path):
     official_file(retina_model, path, 'mmdet 2.19.0', drop=('backbone.norm0.',))
     model = build(mask_cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointError) as err:
-        load_checkpoint(model, str(path), map_location='cpu')
+    with pytest.raises(CheckpointError) as err:  # load_from, tools/test.py, tools/infer.py
+        load_model_checkpoint(model, str(path))
     message = str(err.value)
     assert f'{path} (RetinaNet, mmdet 2.19.0) does not fit the Mask R-CNN (MaskRCNN)' in message
     assert 'missing' in message and 'rpn_head' in message and 'roi_head.mask_head' in message
@@ -240,7 +241,10 @@ def test_file_of_another_model_is_refused(mask_rcnn, retinanet, tmp_path):
     assert all(v.equal(before[k]) for k, v in model.state_dict().items())  # nothing loaded
     dst, _, _ = convert(path, tmp_path)
     with pytest.raises(CheckpointError, match='does not fit the Mask R-CNN'):
-        load_checkpoint(model, str(dst), map_location='cpu')
+        load_model_checkpoint(model, str(dst))
+    load_checkpoint(model, str(dst), map_location='cpu')  # mmengine's: init_detector, Runner
+    with pytest.raises(CheckpointError, match=f'checkpoint {dst} did not fit the model'):
+        model.eval()
 
 
 def test_file_with_other_classes_is_refused(mask_rcnn, tmp_path):
@@ -249,7 +253,7 @@ def test_file_with_other_classes_is_refused(mask_rcnn, tmp_path):
     official_file(reference, path, 'mmdet 2.19.0')
     model = build(project_config(MASK_RCNN))  # COCO: 80 classes
     with pytest.raises(CheckpointError) as err:
-        load_checkpoint(model, str(path), map_location='cpu')
+        load_model_checkpoint(model, str(path))
     message = str(err.value)
     assert 'wrong shape: roi_head.bbox_head.fc_cls.weight: checkpoint (3, 1024), model ' \
         '(81, 1024)' in message
@@ -308,8 +312,10 @@ def test_tools_test_with_original_and_converted_files(tmp_path):
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert 'coco/bbox_mAP:' in proc.stdout
-        log = [line for line in (proc.stdout + proc.stderr).splitlines() if 'Converted' in line]
-        assert len(log) == (checkpoint == original)
+        log = [line for line in (proc.stdout + proc.stderr).splitlines()
+               if f'tensors of {checkpoint} (RetinaNet' in line]
+        assert len(log) == 1 and ('backbone tensors from the official PoolFormer v1 layout'
+                                  in log[0]) == (checkpoint == original), log
         with open(out, 'rb') as f:  # written by this test's run
             detections.append(pickle.load(f))
     assert len(detections[0]) == len(detections[1]) == 2
@@ -326,11 +332,11 @@ def test_tools_test_with_original_and_converted_files(tmp_path):
     lambda ck: dict(meta=ck['meta'], model=ck['state_dict'])],
     ids=['module-prefix', 'model-key'])
 def test_whole_model_under_other_containers(mask_rcnn, tmp_path, wrap):
-    """Loaded the way load_from does (not strict): all of it, or nothing with an error."""
+    """Loaded the way load_from does: all of it, or nothing with an error."""
     cfg, reference = mask_rcnn
     path = tmp_path / 'mask_rcnn_poolformer_s12.pth'
     official_file(reference, path, 'mmdet 2.19.0')
     torch.save(wrap(torch.load(path, weights_only=True)), path)
     model = build(cfg)
-    load_checkpoint(model, str(path), map_location='cpu')
+    load_model_checkpoint(model, str(path))
     assert_same_outputs(model, reference, cfg.default_scope)

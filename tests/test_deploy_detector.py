@@ -1,4 +1,4 @@
-"""Whole detectors in ONNX (mmmetaformer.deploy_detector, tools/export_onnx.py, tools/onnx_infer.py)
+"""Whole detectors in ONNX (mmmetaformer.deploy.detector, tools/export_onnx.py, tools/onnx_infer.py)
 against mmdet's own predict(): Mask R-CNN of the demo config trained briefly in this module
 (parity per image at a fixed and a dynamic size, pycocotools bbox and segm mAP of both on the
 demo validation set), RetinaNet and Cascade Mask R-CNN with random weights, no detection at all,
@@ -20,7 +20,7 @@ pytest.importorskip('mmdet')
 import export_onnx as export_tool  # noqa: E402
 from demo_data import write_coco_demo  # noqa: E402
 from mmmetaformer.deploy import build_exportable, export_onnx  # noqa: E402
-from mmmetaformer.deploy_detector import (compare_detections, mmdet_predict,  # noqa: E402
+from mmmetaformer.deploy.detector import (compare_detections, mmdet_predict,  # noqa: E402
                                           onnx_detections, preprocess_images)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,13 +18,16 @@ import pytest
 import torch
 from mmengine.runner import CheckpointLoader
 
-from mmmetaformer.checkpoints import CheckpointError, load_pretrained, read_checkpoint
+from mmmetaformer.checkpoints import load_backbone_checkpoint
 from mmmetaformer.models import PoolFormerV2, RandFormer
 from mmmetaformer.models.mixers import RandomMixing, resample_mixing_matrix
+from mmmetaformer.sources import read_checkpoint
+from mmmetaformer.trust import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trust import _runner  # noqa: E402  (the tiny mmengine training setup)
+from tiny_run import log_of as _log  # noqa: E402
+from tiny_run import tiny_runner as _runner  # noqa: E402
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 
@@ -41,33 +44,28 @@ class _RunsCode:
 # A tiny run that checkpoints every iteration keeping one file; the save of iteration 2
 # writes half of the file, says so with a marker file and waits to be killed.
 STALLING_RUN = '''
-import io, os, sys, time
-import torch
+import os, sys, time
 sys.path.insert(0, {tests!r})
-from test_trust import _runner
-real_save = torch.save
+import mmmetaformer.fileio as fileio
+from tiny_run import tiny_runner
+real_write = fileio.write_bytes
 
 
-def save(obj, f, *args, **kwargs):
-    if isinstance(obj, dict) and obj.get('meta', {{}}).get('iter') == 2:
-        buf = io.BytesIO()
-        real_save(obj, buf, *args, **kwargs)
-        out = open(f, 'wb') if isinstance(f, (str, os.PathLike)) else f
-        out.write(buf.getvalue()[:len(buf.getvalue()) // 2])
-        out.flush()
-        open({marker!r}, 'w').close()
-        time.sleep(600)
-    return real_save(obj, f, *args, **kwargs)
+def write_bytes(path, data):
+    if os.path.basename(path) == 'iter_2.pth':
+        with fileio.replacing(path, 'wb') as f:
+            f.write(data[:len(data) // 2])
+            f.flush()
+            open({marker!r}, 'w').close()
+            time.sleep(600)
+    return real_write(path, data)
 
 
-torch.save = save
-_runner({work_dir!r}, 4, default_hooks=dict(checkpoint=dict(
-    type='CheckpointHook', interval=1, by_epoch=False, max_keep_ckpts=1))).train()
+fileio.write_bytes = write_bytes
+tiny_runner({work_dir!r}, 4, default_hooks=dict(checkpoint=dict(
+    type='mmmetaformer.SafeCheckpointHook', interval=1, by_epoch=False,
+    max_keep_ckpts=1))).train()
 '''
-
-
-def _log(work_dir):
-    return '\n'.join(p.read_text() for p in Path(work_dir).glob('*/*.log'))
 
 
 # --- 5: saves and resume -----------------------------------------------------------------------
@@ -89,7 +87,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
         child.wait()
     assert (work / 'iter_1.pth').is_file() and not (work / 'iter_2.pth').exists()
     runner = _runner(work, 4, resume=True, default_hooks=dict(checkpoint=dict(
-        type='CheckpointHook', interval=1, by_epoch=False, max_keep_ckpts=1)))
+        type='mmmetaformer.SafeCheckpointHook', interval=1, by_epoch=False, max_keep_ckpts=1)))
     runner.train()
     assert runner.iter == 4 and 'resumed epoch: 0, iter: 1' in _log(work)
     assert [p.name for p in work.glob('*.pth')] == ['iter_4.pth']
@@ -101,7 +99,7 @@ def two_checkpoints(tmp_path):
     """A work dir with iter_1.pth and iter_2.pth, the latest truncated."""
     work = tmp_path / 'work'
     _runner(work, 2, default_hooks=dict(checkpoint=dict(
-        type='CheckpointHook', interval=1, by_epoch=False))).train()
+        type='mmmetaformer.SafeCheckpointHook', interval=1, by_epoch=False))).train()
     latest = work / 'iter_2.pth'
     latest.write_bytes(latest.read_bytes()[:latest.stat().st_size // 2])
     return work
@@ -159,7 +157,7 @@ def test_bad_tensors_are_refused_before_any_is_copied(spoil, tmp_path):
     model = PoolFormerV2(arch=TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match='Nothing was loaded') as err:
-        load_pretrained(model, state)
+        model.load_state_dict(state)  # the backbone's load hook checks a state dict
     assert expected in str(err.value)
     path = tmp_path / 'spoiled.pth'
     torch.save(state, path)
@@ -186,7 +184,7 @@ def test_converter_writes_nothing_it_would_refuse(tmp_path):
 def test_half_precision_files_load(dtype):
     state = {k: v.to(dtype) for k, v in _state().items()}
     model = PoolFormerV2(arch=TINY)
-    load_pretrained(model, state)
+    model.load_state_dict(state)
     assert all(v.equal(state[k].float()) for k, v in model.state_dict().items())
 
 
@@ -222,7 +220,7 @@ def test_url_cache_is_keyed_by_the_whole_url(served, tmp_path):
         torch.save(dict(state_dict=states[name]), folder / name / 'model.pth')
     for name in ('a', 'b', 'a'):
         model = PoolFormerV2(arch=TINY)
-        load_pretrained(model, f'{url}/{name}/model.pth')
+        load_backbone_checkpoint(model, f'{url}/{name}/model.pth')
         assert all(v.equal(states[name][k]) for k, v in model.state_dict().items())
         loaded = CheckpointLoader.load_checkpoint(f'{url}/{name}/model.pth')  # load_from
         assert all(v.equal(states[name][k]) for k, v in loaded['state_dict'].items())
@@ -307,7 +305,7 @@ def test_wide_views_are_refused_in_bounded_memory(tmp_path):
 
 def test_downloads_write_only_their_cache_entry(served, tmp_path):
     """5: a legacy-zip archive whose member is named like another URL's cache entry."""
-    from mmmetaformer.checkpoints import url_cache_name
+    from mmmetaformer.sources import url_cache_name
     folder, url = served
     honest, planted = _state(), {k: torch.zeros_like(v) for k, v in _state().items()}
     torch.save(dict(state_dict=honest), folder / 'victim.pth')
@@ -379,8 +377,9 @@ import resource, sys, torch
 import mmmetaformer
 from mmengine.runner import save_checkpoint
 resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, resource.RLIM_INFINITY))  # ulimit -f 1024
-try:
-    save_checkpoint(dict(w=torch.zeros(2 ** 20)), sys.argv[1])
+try:  # as mmmetaformer.SafeCheckpointHook saves
+    save_checkpoint(dict(w=torch.zeros(2 ** 20)), sys.argv[1],
+                    backend_args=dict(backend='mmmetaformer_local'))
 except OSError as err:
     print(err)
 '''
@@ -392,7 +391,7 @@ def test_failed_save_names_the_file(tmp_path):
     run = subprocess.run([sys.executable, '-c', FULL_DISK, str(path)], capture_output=True,
                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.startswith(f'cannot save checkpoint {path}: '), run.stdout
+    assert run.stdout.splitlines()[-1].startswith(f'cannot write {path}: '), run.stdout
     assert torch.load(path, weights_only=True)['w'].equal(torch.ones(2))  # the old one stays
     assert [p.name for p in tmp_path.iterdir()] == ['iter_2.pth']
 
@@ -414,7 +413,7 @@ def test_state_dict_that_is_a_list(tmp_path):
     with pytest.raises(CheckpointError, match=f"{path}: its 'state_dict' is a list"):
         load_checkpoint(model, str(path))  # load_from, tools/test.py
     with pytest.raises(CheckpointError, match=f"{path}: its 'state_dict' is a list"):
-        load_pretrained(PoolFormerV2(arch=TINY), str(path))
+        load_backbone_checkpoint(PoolFormerV2(arch=TINY), str(path))
 
 
 def test_nested_tensor(tmp_path):
@@ -423,4 +422,4 @@ def test_nested_tensor(tmp_path):
     path = tmp_path / 'nested.pth'
     torch.save(state, path)
     with pytest.raises(CheckpointError, match=f'{path}: stem.conv.bias is a nested tensor'):
-        load_pretrained(PoolFormerV2(arch=TINY), str(path))
+        load_backbone_checkpoint(PoolFormerV2(arch=TINY), str(path))

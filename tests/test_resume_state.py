@@ -146,7 +146,8 @@ def test_forged_optimizer_state_crashes_torch_and_is_refused(tmp_path):
 
     run = subprocess.run([sys.executable, '-c', BEFORE, str(path)], capture_output=True,
                          text=True, timeout=120)
-    assert run.stdout.startswith('fused: True') and 'stepped' not in run.stdout
+    assert run.stdout.startswith('fused: True')  # the file's kernel, not the config's
+    # the write past the one value kills the process, during the step or at exit
     assert run.returncode == -signal.SIGSEGV or 'Error' in run.stderr, (run.returncode,
                                                                         run.stderr[-2000:])
 

@@ -128,12 +128,13 @@ def test_dist_train_two_cpu_processes(data, tmp_path):
 
 
 # mmdet's RetinaNet with the backbone swapped as a user would (backbone dict and neck
-# in_channels, nothing else): its FPN starts at level 1, so the stride-4 output norm never
+# in_channels, and the README's runner_type): its FPN starts at level 1, so the stride-4 output norm never
 # gets a gradient. The rest fits the demo data: its 3 classes, small images, one epoch of two
 # steps.
 RETINANET_SWAP = """
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)
+runner_type = 'mmmetaformer.SafeRunner'  # the README's opt-in line
 model = dict(
     backbone=dict(_delete_=True, type='mmmetaformer.PoolFormerV2', arch='s12'),
     neck=dict(in_channels=[64, 128, 320, 512]),
@@ -180,3 +181,37 @@ def test_missing_dataset_message(tmp_path):
     assert proc.returncode == 1
     assert 'not found' in proc.stderr and str(missing) in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+class _RunsCode:
+    """Unpickling this creates a file: stands for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+def test_mmdet_own_tools_train_and_test_the_demo_config(data, tmp_path):
+    """mmdet's installed tools/train.py and tools/test.py (what `mim train mmdet` runs) on the
+    project's demo config: the config's runner and checkpoint hook, the trust rule."""
+    import mmdet
+    import torch
+    tools = Path(mmdet.__file__).parent / '.mim' / 'tools'
+    work = tmp_path / 'work'
+    train = tool(str(tools / 'train.py'), DET, '--work-dir', str(work), '--cfg-options',
+                 *det_options(data))
+    assert 'Epoch(train) [1][2/2]' in train.stdout and not list(work.glob('.*.tmp'))
+    checkpoint = (work / 'last_checkpoint').read_text().strip()
+    test = tool(str(tools / 'test.py'), DET, checkpoint, '--work-dir', str(work),
+                '--cfg-options', *det_options(data))
+    assert 'coco/bbox_mAP:' in test.stdout
+
+    marker, evil = tmp_path / 'pwned', tmp_path / 'evil.pth'
+    torch.save(dict(torch.load(checkpoint, weights_only=False), extra=_RunsCode(marker)), evil)
+    proc = subprocess.run([sys.executable, str(tools / 'test.py'), DET, str(evil), '--work-dir',
+                           str(work), '--cfg-options', *det_options(data)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and not marker.exists()
+    assert f'refused to load {evil}' in proc.stderr

@@ -26,7 +26,8 @@ from mmengine.runner import CheckpointLoader, Runner
 from torch.utils.data import Dataset
 
 from mmmetaformer import trust
-from mmmetaformer.checkpoints import CheckpointError, read_checkpoint
+from mmmetaformer.sources import read_checkpoint
+from mmmetaformer.trust import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 REFUSED = (pickle.UnpicklingError, CheckpointError)  # mmengine's loader / the project's
@@ -313,7 +314,8 @@ def _shared(levels, make=lambda x: [x, x]):
 
 THE_PACKAGE = f'''
 sys.path.insert(0, {str(ROOT / 'tools')!r})
-from mmmetaformer.checkpoints import CheckpointError, read_checkpoint
+from mmmetaformer.sources import read_checkpoint
+from mmmetaformer.trust import CheckpointError
 '''
 TRUST_ALONE = f'''
 import importlib.util

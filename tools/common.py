@@ -1,5 +1,6 @@
-"""What the tools share: quiet imports, one error style, and config handling for
-tools/train.py and tools/test.py (mmdet, mmseg or mmpretrain).
+"""What the tools share: quiet imports, one error style, and the config handling of mmdet's,
+mmseg's and mmpretrain's tools/train.py and tools/test.py (what a run does beyond that comes from
+the components its config names: mmmetaformer.SafeRunner, mmmetaformer.SafeCheckpointHook).
 
 Import it before torch and the OpenMMLab packages: it silences their known warnings first.
 """
@@ -36,13 +37,7 @@ silence_known_warnings()
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
-import mmmetaformer  # noqa: F401,E402  (registers the backbones, applies mmmetaformer.patches)
-from mmmetaformer.checkpoints import CheckpointError  # noqa: E402
-from mmmetaformer.dataset_checks import check_dataset  # noqa: E402
-from mmmetaformer.deploy import ExportError  # noqa: E402
-
-# errors about the user's files and arguments: their message alone says what to do
-USER_ERRORS = (CheckpointError, ExportError)
+import mmmetaformer  # noqa: F401,E402  (registers the backbones and run components)
 
 DEBUG_ENV = 'MMMETAFORMER_DEBUG'
 
@@ -54,10 +49,12 @@ def add_debug_arg(parser: argparse.ArgumentParser):
 
 def run_tool(main):
     """Run a tool's ``main()``. An exception becomes one ``error: ...`` line on stderr and exit
-    status 1; with ``--debug`` on the command line or ``MMMETAFORMER_DEBUG=1`` it is raised
-    with its traceback instead."""
+    status 1; with ``--debug`` on the command line or ``MMMETAFORMER_DEBUG=1`` it is raised with
+    its traceback instead. Ctrl-C ends it with status 130."""
     try:
         main()
+    except KeyboardInterrupt:
+        sys.exit(130)  # the tool said what was interrupted, or the shell shows ^C
     except Exception as err:
         if '--debug' in sys.argv[1:] or os.getenv(DEBUG_ENV, '0') not in ('', '0'):
             raise
@@ -65,10 +62,12 @@ def run_tool(main):
 
 
 def describe_error(err: BaseException) -> str:
-    """The message of ``err``, or of the ``USER_ERRORS`` one it was raised from; other errors
-    than a missing or bad file are named with their type and a pointer to ``--debug``."""
+    """The message of ``err``, or of the error it was raised from that mmmetaformer raised
+    about a file or an argument (its own error classes: CheckpointError, DatasetError,
+    ExportError), which says what to do; other errors are named with their type and a pointer
+    to ``--debug``."""
     cause = err
-    while cause is not None and not isinstance(cause, USER_ERRORS):
+    while cause is not None and not type(cause).__module__.startswith('mmmetaformer.'):
         cause = cause.__cause__ or cause.__context__
     if cause is not None:
         return str(cause)
@@ -100,10 +99,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     add_debug_arg(parser)
 
 
-def load_config(args, dataloaders=('train_dataloader', 'val_dataloader', 'test_dataloader')):
-    """Read ``args.config``, apply ``--cfg-options``, ``--work-dir`` and ``--launcher``, and
-    check that the datasets of ``dataloaders`` exist (one clear message, exit status 1, if
-    not)."""
+def load_config(args):
+    """Read ``args.config`` and apply ``--cfg-options``, ``--work-dir`` and ``--launcher``, as
+    mmdet's, mmseg's and mmpretrain's tools do."""
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     check_file(args.config, 'config')
     cfg = Config.fromfile(args.config)
@@ -115,16 +113,6 @@ def load_config(args, dataloaders=('train_dataloader', 'val_dataloader', 'test_d
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(args.config))[0])
-    if args.launcher != 'none' and not torch.cuda.is_available():
-        # The OpenMMLab configs ask for NCCL, which needs GPUs; gloo runs on CPUs.
-        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
-    try:
-        reports = check_dataset({key: cfg.get(key) for key in dataloaders})
-    except (FileNotFoundError, ValueError) as err:  # missing, or a damaged annotation file
-        raise SystemExit(f'error: {err}') from None
-    if os.environ.get('RANK', '0') == '0':  # once per run, not once per process
-        for report in reports:
-            print(f'warning: {report}', file=sys.stderr, flush=True)
     return cfg
 
 

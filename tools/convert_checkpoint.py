@@ -20,18 +20,17 @@ import os
 
 from common import add_debug_arg, run_tool  # first: it silences the stack's known warnings
 
-import torch
-
 from mmmetaformer import __version__
-from mmmetaformer.checkpoints import (CheckpointError, check_fit, convert_to_canonical,
-                                      describe_source, is_whole_model, load_checkpoint_file,
-                                      model_kind, source_toolbox, summarize, validate_tensors)
+from mmmetaformer.checkpoints import (CheckpointError, check_backbone_fit, convert_to_canonical,
+                                      describe_source, is_whole_model, model_kind, read,
+                                      source_toolbox, state_dict_of, summarize, validate_tensors)
+from mmmetaformer.fileio import save
 from mmmetaformer.models import ARCHS, MetaFormer
 
 
 def convert(src: str, dst: str, arch: str = None, use_ema: bool = False) -> dict:
     """Write the converted checkpoint to ``dst`` and return its ``meta``."""
-    state, info = load_checkpoint_file(src, use_ema)
+    state, info = state_dict_of(read(src), src, use_ema)
     whole = is_whole_model(state)
     what = describe_source(state, info) if whole else None
     state = convert_to_canonical(state, info, whole_model=whole)[0]
@@ -50,7 +49,7 @@ def convert(src: str, dst: str, arch: str = None, use_ema: bool = False) -> dict
         arch = guesses[0]
     elif arch not in ARCHS:
         raise CheckpointError(f'unknown --arch {arch!r}; choose one of {", ".join(ARCHS)}')
-    check_fit(backbone, MetaFormer(arch=arch, out_norm=None), info)
+    check_backbone_fit(backbone, MetaFormer(arch=arch, out_norm=None), info)
     if whole:
         return _write_whole_model(state, info, what, arch, dst)
 
@@ -62,7 +61,7 @@ def convert(src: str, dst: str, arch: str = None, use_ema: bool = False) -> dict
     if classifier is not None:
         meta['num_classes'] = classifier.shape[0]
         meta['head'] = 'mlp' if 'head.fc.fc2.weight' in out else 'linear'
-    torch.save(dict(meta=meta, state_dict=out), dst)
+    save(dict(meta=meta, state_dict=out), dst)
     extra = summarize(info)
     print(f'{info.describe()}: {arch}, {len(backbone)} backbone tensors, '
           + (f"{meta['head']} head with {meta['num_classes']} classes"
@@ -76,15 +75,31 @@ def _write_whole_model(state, info, what, arch, dst) -> dict:
     meta = dict(arch=arch, model=model_kind(state), source=info.source,
                 source_format=info.format, source_toolbox=source_toolbox(info.meta),
                 converted_by=f'mmmetaformer {__version__} tools/convert_checkpoint.py')
-    classes = info.meta.get('CLASSES') or info.meta.get('dataset_meta', {}).get('classes')
+    classes = class_names(info)
     if classes:
-        meta['dataset_meta'] = dict(classes=tuple(classes))
-    torch.save(dict(meta=meta, state_dict=state), dst)
+        meta['dataset_meta'] = dict(classes=classes)
+    save(dict(meta=meta, state_dict=state), dst)
     backbone = sum(k.startswith('backbone.') for k in state)
     extra = summarize(info)
     print(f'{what}: {arch}, {backbone} backbone and {len(state) - backbone} neck/head tensors'
           + (f'; {extra}' if extra else '') + f' -> {dst}')
     return meta
+
+
+def class_names(info):
+    """The class names a checkpoint's ``meta`` lists (mmdet 2.x ``CLASSES`` or 3.x
+    ``dataset_meta['classes']``), or None; anything else is an error naming the file."""
+    dataset_meta = info.meta.get('dataset_meta', {})
+    if not isinstance(dataset_meta, dict):
+        raise CheckpointError(f"{info.source}: its meta['dataset_meta'] is a "
+                              f'{type(dataset_meta).__name__}, not a dict')
+    classes = info.meta.get('CLASSES') or dataset_meta.get('classes')
+    if classes is None:
+        return None
+    if not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{info.source}: its meta's class names are a "
+                              f'{type(classes).__name__}, not a list of names')
+    return tuple(classes)
 
 
 def main(argv=None):

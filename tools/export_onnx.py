@@ -95,11 +95,11 @@ def median_ms(run, runs: int) -> float:
 def check_detector(path, exportable, cfg, images, shape=None, runs: int = 0):
     """Run ``path`` in onnxruntime and mmdet's ``predict()`` on each image of ``images``,
     preprocessed as the config tests (padded to ``shape`` for a fixed-size export):
-    ``(rows, latencies)``, one :func:`~mmmetaformer.deploy_detector.compare_detections` row per
+    ``(rows, latencies)``, one :func:`~mmmetaformer.deploy.detector.compare_detections` row per
     image and, with ``runs``, the median milliseconds of both on the first image."""
     import onnxruntime as ort
     import torch
-    from mmmetaformer.deploy_detector import (compare_detections, mmdet_predict,
+    from mmmetaformer.deploy.detector import (compare_detections, mmdet_predict,
                                               onnx_detections, preprocess_images)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()

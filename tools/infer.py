@@ -16,6 +16,11 @@ import os.path as osp
 
 from common import add_debug_arg, check_file, run_tool
 
+from mmmetaformer.checkpoints import load_model_checkpoint
+from mmmetaformer.dataset_checks import check_image
+from mmmetaformer.fileio import write_bytes
+from mmmetaformer.trust import CheckpointError
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 
@@ -55,21 +60,31 @@ def output_paths(images, out_dir):
     if twice:
         raise SystemExit(f'error: several input images are named {", ".join(twice)}: their '
                          'pictures would overwrite each other; pass one folder at a time')
-    os.makedirs(osp.join(out_dir, 'vis'), exist_ok=True)
     return [osp.join(out_dir, 'vis', name) for name in names]
 
 
 def init_predictor(cfg, checkpoint, device):
     """The mmdet detector or mmseg segmentor of ``cfg`` (a Config or its file) with
-    ``checkpoint`` loaded."""
+    ``checkpoint`` loaded whole (:func:`~mmmetaformer.checkpoints.load_model_checkpoint`), its
+    classes (and palette) from the checkpoint's ``dataset_meta``, else from the config's test
+    dataset."""
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
     if isinstance(cfg, str):
-        from mmengine.config import Config
         cfg = Config.fromfile(cfg)
-    if cfg.get('default_scope') == 'mmdet':
-        from mmdet.apis import init_detector
-        return init_detector(cfg, checkpoint, device=device)
-    from mmseg.apis import init_model
-    return init_model(cfg, checkpoint, device=device)
+    init_default_scope(cfg.get('default_scope'))
+    model = MODELS.build(cfg.model)
+    meta = load_model_checkpoint(model, checkpoint).get('meta', {})
+    dataset_meta = meta.get('dataset_meta') if isinstance(meta, dict) else None
+    if dataset_meta is None:
+        dataset_meta = cfg.test_dataloader.dataset.get('metainfo')
+    classes = dataset_meta.get('classes') if isinstance(dataset_meta, dict) else None
+    if not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{checkpoint}: its meta['dataset_meta'] holds no list of class "
+                              'names, nor does the test dataset of the config (metainfo)')
+    model.cfg = cfg  # as init_detector / init_model set it
+    model.dataset_meta = {k.lower(): v for k, v in dataset_meta.items()}
+    return model.to(device).eval()
 
 
 def draw_detections(model, image, out, score_thr):
@@ -80,8 +95,17 @@ def draw_detections(model, image, out, score_thr):
     result = inference_detector(model, image)
     visualizer = _visualizer(model)
     visualizer.add_datasample('result', mmcv.imread(image, channel_order='rgb'), result,
-                              draw_gt=False, pred_score_thr=score_thr, out_file=out)
+                              draw_gt=False, pred_score_thr=score_thr)
+    _write_picture(visualizer.get_image(), out)
     return result.pred_instances
+
+
+def _write_picture(rgb, out):
+    import cv2
+    ok, data = cv2.imencode(os.path.splitext(out)[1] or '.png', rgb[..., ::-1])
+    if not ok:
+        raise ValueError(f'cannot encode the picture for {out}')
+    write_bytes(out, data.tobytes())
 
 
 def _visualizer(model):
@@ -102,7 +126,7 @@ def draw_segmentation(model, image, out, opacity):
     predicted label map."""
     from mmseg.apis import inference_model, show_result_pyplot
     result = inference_model(model, image)
-    show_result_pyplot(model, image, result, opacity=opacity, show=False, out_file=out)
+    _write_picture(show_result_pyplot(model, image, result, opacity=opacity, show=False), out)
     return result.pred_sem_seg
 
 
@@ -123,6 +147,7 @@ def main(argv=None):
     device = args.device or ('cuda:0' if torch.cuda.is_available() else 'cpu')
     model = init_predictor(cfg, args.weights, device)
     for image, out in zip(images, outs):
+        check_image(image)
         if scope == 'mmdet':
             pred = draw_detections(model, image, out, args.pred_score_thr)
             print(f'{image}: {int((pred.scores >= args.pred_score_thr).sum())} detections '

@@ -7,6 +7,7 @@ Metrics come from the config's ``test_evaluator``: COCO bbox/segm mAP (mmdet), m
 top-1/top-5 accuracy (mmpretrain).
 """
 import argparse
+import os
 
 from common import add_common_args, build_runner, check_file, finish, load_config, run_tool
 
@@ -63,7 +64,7 @@ def enable_drawing(cfg, scope, show_dir):
 def main():
     args = parse_args()
     check_file(args.checkpoint, 'checkpoint')
-    cfg = load_config(args, dataloaders=('test_dataloader',))
+    cfg = load_config(args)
     cfg.load_from = args.checkpoint
     scope = cfg.get('default_scope')
     if args.show_dir:
@@ -75,13 +76,21 @@ def main():
     elif args.out and not args.out.endswith(('.pkl', '.pickle')):
         raise SystemExit(f'error: --out must be a .pkl file for {scope} configs, got {args.out}')
     runner = build_runner(cfg)
-    if args.out and scope != 'mmseg':
+    partial = None
+    if args.out and scope != 'mmseg':  # written whole: to a temporary file renamed at the end
         if scope == 'mmdet':
             from mmdet.evaluation import DumpDetResults as Dump
         else:
             from mmengine.evaluator import DumpResults as Dump
-        runner.test_evaluator.metrics.append(Dump(out_file_path=args.out))
-    runner.test()
+        partial = f'{args.out}.{os.getpid()}.partial.pkl'
+        runner.test_evaluator.metrics.append(Dump(out_file_path=partial))
+    try:
+        runner.test()
+        if partial and os.path.exists(partial):
+            os.replace(partial, args.out)
+    finally:
+        if partial and os.path.exists(partial):
+            os.remove(partial)
     del runner
     finish()
 

@@ -4,6 +4,9 @@
 # in_channels.
 _base_ = 'mmseg::poolformer/fpn_poolformer_s12_8xb4-40k_ade20k-512x512.py'
 custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)
+# the run components (docs/safety.md): checked loads and resume, crash-safe checkpoints
+runner_type = 'mmmetaformer.SafeRunner'
+default_hooks = dict(checkpoint=dict(type='mmmetaformer.SafeCheckpointHook'))
 checkpoint_file = None  # the inherited mmpretrain weight; ours is model.backbone.init_cfg
 
 model = dict(backbone=dict(_delete_=True, out_indices=(0, 1, 2, 3)))

@@ -4,6 +4,9 @@
 # drop_path_rate and pretrained init_cfg, and the FPN's in_channels.
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)
+# the run components (docs/safety.md): checked loads and resume, crash-safe checkpoints
+runner_type = 'mmmetaformer.SafeRunner'
+default_hooks = dict(checkpoint=dict(type='mmmetaformer.SafeCheckpointHook'))
 
 model = dict(backbone=dict(_delete_=True, out_indices=(0, 1, 2, 3)))
 optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=2e-4, weight_decay=1e-4))

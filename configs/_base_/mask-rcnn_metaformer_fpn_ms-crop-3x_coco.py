@@ -5,6 +5,9 @@
 # does. Per-model configs set the backbone and the FPN's in_channels.
 _base_ = 'mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py'
 custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)
+# the run components (docs/safety.md): checked loads and resume, crash-safe checkpoints
+runner_type = 'mmmetaformer.SafeRunner'
+default_hooks = dict(checkpoint=dict(type='mmmetaformer.SafeCheckpointHook'))
 checkpoint_file = None  # the inherited ConvNeXt weight; ours is model.backbone.init_cfg
 
 model = dict(backbone=dict(_delete_=True, out_indices=(0, 1, 2, 3)))

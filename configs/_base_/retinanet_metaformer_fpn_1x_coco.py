@@ -7,6 +7,9 @@
 # unused stride-4 output norm, whose parameters DDP (find_unused_parameters=False) refuses.
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)
+# the run components (docs/safety.md): checked loads and resume, crash-safe checkpoints
+runner_type = 'mmmetaformer.SafeRunner'
+default_hooks = dict(checkpoint=dict(type='mmmetaformer.SafeCheckpointHook'))
 
 model = dict(backbone=dict(_delete_=True, out_indices=(1, 2, 3)), neck=dict(start_level=0))
 optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, weight_decay=1e-4))

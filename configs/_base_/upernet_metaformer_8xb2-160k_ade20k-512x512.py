@@ -5,6 +5,9 @@
 # four stage widths) and auxiliary_head.in_channels (the third).
 _base_ = 'mmseg::convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py'
 custom_imports = dict(imports=['mmmetaformer'], allow_failed_imports=False)
+# the run components (docs/safety.md): checked loads and resume, crash-safe checkpoints
+runner_type = 'mmmetaformer.SafeRunner'
+default_hooks = dict(checkpoint=dict(type='mmmetaformer.SafeCheckpointHook'))
 checkpoint_file = None  # the inherited ConvNeXt weight; ours is model.backbone.init_cfg
 
 model = dict(backbone=dict(_delete_=True, out_indices=(0, 1, 2, 3)))

@@ -66,7 +66,7 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', by_epoch=False, begin=50, end=max_iters, eta_min=4e-6),
 ]
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
-default_hooks = dict(logger=dict(interval=8),
-                     checkpoint=dict(interval=max_epochs, max_keep_ckpts=1))
+# a checkpoint every epoch, the last one kept: a killed run resumes (--resume) where it was
+default_hooks = dict(logger=dict(interval=8), checkpoint=dict(interval=1, max_keep_ckpts=1))
 log_processor = dict(window_size=8)
 randomness = dict(seed=0)

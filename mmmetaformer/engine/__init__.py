@@ -1,4 +1,7 @@
 from .amp import AutocastOptimWrapper, amp_optim_wrapper
+from .hooks import SafeCheckpointHook
 from .optimizers import LayerDecayOptimWrapperConstructor
+from .runner import SafeRunner
 
-__all__ = ['AutocastOptimWrapper', 'LayerDecayOptimWrapperConstructor', 'amp_optim_wrapper']
+__all__ = ['AutocastOptimWrapper', 'LayerDecayOptimWrapperConstructor', 'SafeCheckpointHook',
+           'SafeRunner', 'amp_optim_wrapper']

@@ -17,7 +17,7 @@ from mmengine.model import BaseModule
 from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoints import load_pretrained
+from .. import checkpoints
 from ..registry import MODELS
 from ..archs import ARCH_KEYS, ARCHS, FAMILIES
 from .layers import GroupNorm1, Mlp, Scale, StarReLU
@@ -191,6 +191,48 @@ class MetaFormer(BaseModule):
             norm = build_norm_layer(out_norm, self.dims[i])[1] if out_norm else nn.Identity()
             self.add_module(f'norm{i}', norm)
         self._freeze_stages()
+        self._unchecked_load = None
+        self._register_load_state_dict_pre_hook(self._convert_and_check)
+
+    def _convert_and_check(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                           unexpected_keys, error_msgs):
+        """Before a state dict is copied in: its backbone tensors converted from any supported
+        layout (:data:`~mmmetaformer.checkpoints.FORMATS`), every one of them present with its
+        shape, and valid; else :class:`~mmmetaformer.trust.CheckpointError`, nothing copied.
+
+        This is how a checkpoint reaches the backbone through mmengine's own
+        ``load_checkpoint`` (``init_detector``, ``init_model``, a plain ``Runner``), which checks
+        the rest of the model only with warnings: the outcome of such a load of a checkpoint
+        file is kept, and the model refuses to be evaluated (:meth:`train` with ``False``)
+        right after one that did not fit whole."""
+        if checkpoints.checked_load():
+            return
+        keys = [k for k in state_dict if k.startswith(prefix)]
+        if not keys:
+            return
+        weights, source = checkpoints.check_backbone_state(
+            self, {k[len(prefix):]: state_dict.pop(k) for k in keys})
+        state_dict.update((prefix + k, v) for k, v in weights.items())
+        if source is not None:
+            self._unchecked_load = (source, missing_keys, unexpected_keys, error_msgs)
+
+    def _refuse_unfit_load(self):
+        """Raise, until the next load or ``train()``, if the last load of a checkpoint file
+        through mmengine left tensors of the model missing, unknown or of another shape."""
+        source, missing, unexpected, errors = self._unchecked_load
+        missing = [k for k in missing if not k.endswith('.num_batches_tracked')]
+        mismatch = [e.split(':')[0].replace('size mismatch for ', '') for e in errors
+                    if e.startswith('size mismatch for ')]
+        lines = [f'  {label} {len(keys)} tensors: {checkpoints.first(keys)}' for label, keys in
+                 (('missing', missing), ('unexpected', unexpected),
+                  ('wrong shape', mismatch)) if keys]
+        if lines:
+            raise checkpoints.CheckpointError('\n'.join([
+                f'checkpoint {source} did not fit the model it was loaded into (mmengine\'s '
+                'load_checkpoint loads what fits and warns):', *lines,
+                'The model is not evaluated with parts of it left at their initialisation: '
+                'load a checkpoint of this model and config.']))
+        self._unchecked_load = None
 
     @staticmethod
     def _loads_checkpoint(init_cfg) -> bool:
@@ -253,8 +295,9 @@ class MetaFormer(BaseModule):
 
     def init_weights(self):
         if self._loads_checkpoint(self.init_cfg):
-            load_pretrained(self, self.init_cfg['checkpoint'], self.init_cfg.get('prefix'),
-                            use_ema=self.init_cfg.get('use_ema', False))
+            checkpoints.load_backbone_checkpoint(
+                self, self.init_cfg['checkpoint'], self.init_cfg.get('prefix'),
+                use_ema=self.init_cfg.get('use_ema', False))
             self._is_init = True
         else:
             super().init_weights()
@@ -280,6 +323,9 @@ class MetaFormer(BaseModule):
                 param.requires_grad = False
 
     def train(self, mode: bool = True):
+        if self._unchecked_load is not None and not mode:
+            self._refuse_unfit_load()
+        self._unchecked_load = None  # training after such a load: a fine-tune
         super().train(mode)
         self._freeze_stages()
         if mode and self.norm_eval:

@@ -2,6 +2,9 @@
 # with the DeiT-style augmentation of the MetaFormer papers: RandomResizedCrop (bicubic),
 # flip, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 (per-pixel noise). Test: the
 # short edge resized to 224 / crop_pct (crop_pct 1.0 for the MetaFormer baselines), centre crop.
+# _scope_='mmpretrain' on the mmpretrain types a Runner builds from this file: they stay
+# mmpretrain's where the file is inherited as 'mmmetaformer::imagenet/...', which mmengine
+# reads under the scope mmmetaformer (docs/get_started.md, configs by scope).
 dataset_type = 'ImageNet'
 data_root = 'data/imagenet'
 data_preprocessor = dict(
@@ -35,16 +38,18 @@ train_dataloader = dict(
     batch_size=128,
     num_workers=8,
     persistent_workers=True,
-    dataset=dict(type=dataset_type, data_root=data_root, split='train', pipeline=train_pipeline),
+    dataset=dict(type=dataset_type, data_root=data_root, split='train', pipeline=train_pipeline,
+                 _scope_='mmpretrain'),
     sampler=dict(type='DefaultSampler', shuffle=True),
 )
 val_dataloader = dict(
     batch_size=128,
     num_workers=8,
     persistent_workers=True,
-    dataset=dict(type=dataset_type, data_root=data_root, split='val', pipeline=test_pipeline),
+    dataset=dict(type=dataset_type, data_root=data_root, split='val', pipeline=test_pipeline,
+                 _scope_='mmpretrain'),
     sampler=dict(type='DefaultSampler', shuffle=False),
 )
-val_evaluator = dict(type='Accuracy', topk=(1, 5))
+val_evaluator = dict(type='Accuracy', topk=(1, 5), _scope_='mmpretrain')
 test_dataloader = val_dataloader
 test_evaluator = val_evaluator

@@ -2,10 +2,14 @@
 # The backbone returns its raw last stage (out_indices=(3,), out_norm=None); the head applies
 # the official final norm and classifier. Per-model configs set the backbone type, arch, drop
 # path rate and the head's in_channels / dropout.
+# _scope_='mmpretrain' on the mmpretrain types a Runner builds from this file: they stay
+# mmpretrain's where the file is inherited as 'mmmetaformer::imagenet/...', which mmengine
+# reads under the scope mmmetaformer (docs/get_started.md, configs by scope).
 _base_ = ['./default_runtime.py', './imagenet_bs128_224.py', './schedule_300e.py']
 
 model = dict(
     type='ImageClassifier',
+    _scope_='mmpretrain',
     backbone=dict(out_indices=(3, ), out_norm=None),
     head=dict(
         type='mmmetaformer.MetaFormerClsHead',

@@ -8,8 +8,11 @@
 # x 2, 32 x 128 x 1, 8 x 64 x 8). `tools/train.py --auto-scale-lr` scales the lr by
 # GPUs x batch_size / 4096 and does not count accumulative_counts: use it only to train at
 # another total batch without accumulation.
+# _scope_='mmpretrain' on the mmpretrain types a Runner builds from this file: they stay
+# mmpretrain's where the file is inherited as 'mmmetaformer::imagenet/...', which mmengine
+# reads under the scope mmmetaformer (docs/get_started.md, configs by scope).
 optim_wrapper = dict(
-    optimizer=dict(type='AdamW', lr=4e-3, weight_decay=0.05),
+    optimizer=dict(type='AdamW', lr=4e-3, weight_decay=0.05, _scope_='mmpretrain'),
     accumulative_counts=4,
     paramwise_cfg=dict(norm_decay_mult=0., bias_decay_mult=0., flat_decay_mult=0.),
 )

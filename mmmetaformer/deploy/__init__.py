@@ -5,13 +5,12 @@ mmdet config, with an optional checkpoint, into a module that maps one preproces
 to a tuple of named tensors; :func:`export_onnx` writes it with the TorchScript-based exporter
 after :func:`export_forms` (on a copy) has swapped in the forms backends handle best, and
 replaces the file only once it is complete; :func:`check_onnx` runs the file in onnxruntime
-against PyTorch. Detectors: :mod:`mmmetaformer.deploy_detector`.
+against PyTorch. Detectors: :mod:`mmmetaformer.deploy.detector`.
 """
 import copy
 import io
 import json
 import os
-import tempfile
 import statistics
 import time
 import warnings
@@ -22,13 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from .checkpoints import (CheckpointError, convert_to_canonical, detect_format, first,
-                          load_checkpoint_file, load_pretrained)
-from .deploy_detector import DETECTOR_MIN_OPSET, DetectorGraph, ExportError
-from .models import ARCHS, MetaFormer
-from .models.layers import (GroupNorm1, Mlp, PointwiseLinear, SquaredReLU, StarReLU,
+from ..checkpoints import load_backbone_checkpoint, load_model_checkpoint
+from .detector import DETECTOR_MIN_OPSET, DetectorGraph, ExportError
+from ..fileio import write_bytes
+from ..models import ARCHS, MetaFormer
+from ..models.layers import (GroupNorm1, Mlp, PointwiseLinear, SquaredReLU, StarReLU,
                             folded_star_relu_params)
-from .models.mixers import RandomMixing, SepConv, resample_mixing_matrix
+from ..models.mixers import RandomMixing, SepConv, resample_mixing_matrix
 
 #: Input size of a static export and of ``--check`` per kind of model (H, W).
 DEFAULT_SHAPES = {'mmdet': (800, 1344), 'mmseg': (512, 512), 'mmpretrain': (224, 224),
@@ -234,7 +233,7 @@ class Exportable(nn.Module):
     - ``dense_head``: a single-stage detector's raw head maps (``mode='tensor'``: class scores
       of every level, then box deltas of every level), before anchor decoding and NMS;
     - ``detector``: a whole detector, ``model`` being its
-      :class:`~mmmetaformer.deploy_detector.DetectorGraph` (boxes, labels and masks).
+      :class:`~mmmetaformer.deploy.detector.DetectorGraph` (boxes, labels and masks).
     """
     PARTS = ('backbone', 'features', 'classifier', 'segmentor', 'dense_head', 'detector')
 
@@ -274,25 +273,6 @@ class Exportable(nn.Module):
         if self.part == 'backbone':
             return [f'feat{i}' for i in self.model.out_indices]
         return [f'fpn{i}' for i in range(num_outputs)]
-
-
-def _load_model_weights(model: nn.Module, checkpoint: str):
-    """Load a whole-model checkpoint strictly (this project's ``backbone.*`` layout, or an
-    ImageNet release converted to it)."""
-    state, info = load_checkpoint_file(checkpoint)
-    if detect_format(state) != 'mmmetaformer':
-        state, info = convert_to_canonical(state, info)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise CheckpointError(f'{checkpoint} does not fit the config: '
-                              f'{str(err).splitlines()[-1].strip()}') from None
-    if missing or unexpected:
-        raise CheckpointError(
-            f'{checkpoint} does not fit the config: '
-            + '; '.join(f'{what} {first(keys, 3)}' for what, keys in
-                        (('missing', missing), ('unexpected', unexpected)) if keys)
-            + ' (for an ImageNet backbone file use --part backbone or a backbone name)')
 
 
 def _build_from_config(config: str):
@@ -365,7 +345,7 @@ def build_exportable(config: str, checkpoint: Optional[str] = None,
             raise ExportError(f'{config} is a backbone name: only --part backbone applies')
         model = MetaFormer(arch=config, out_norm=None)
         if checkpoint:
-            load_pretrained(model, checkpoint)
+            load_backbone_checkpoint(model, checkpoint)
         info = dict(scope=None, part='backbone', cfg=None, notes=notes, metadata={})
         return Exportable(model.eval(), 'backbone'), info
 
@@ -380,9 +360,9 @@ def build_exportable(config: str, checkpoint: Optional[str] = None,
                           f'choose one of {allowed}')
     if checkpoint:
         if part == 'backbone':
-            load_pretrained(model.backbone, checkpoint, prefix=None)
+            load_backbone_checkpoint(model.backbone, checkpoint)
         else:
-            _load_model_weights(model, checkpoint)
+            load_model_checkpoint(model, checkpoint)
     else:
         notes.append('no checkpoint: random weights')
     if part == 'segmentor' and cfg.model.get('test_cfg', {}).get('mode') == 'slide':
@@ -410,23 +390,6 @@ def _dynamic_axes(names: list, part: str) -> dict:
     axes.update({n: {0: 'batch'} if n == 'logits' else
                  {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'} for n in names})
     return axes
-
-
-def _write_atomically(data: bytes, path: str):
-    """Write ``data`` to a temporary file beside ``path``, then rename it to ``path``: a failed
-    write leaves no partial file and whatever ``path`` held."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp',
-                               dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as err:
-        os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise ExportError(f'cannot write {path}: {err.strerror or err}') from None
-        raise
 
 
 def export_onnx(exportable: Exportable, out: str, shape=(224, 224), dynamic: bool = False,
@@ -460,7 +423,10 @@ def export_onnx(exportable: Exportable, out: str, shape=(224, 224), dynamic: boo
                  starrelu_folded=str(fold), **(metadata or {}))
     onnx.helper.set_model_props(onnx_model, {k: v if isinstance(v, str) else json.dumps(v)
                                              for k, v in props.items()})
-    _write_atomically(onnx_model.SerializeToString(), out)
+    try:
+        write_bytes(out, onnx_model.SerializeToString())
+    except OSError as err:
+        raise ExportError(str(err)) from None
     return names
 
 

@@ -1,47 +1,28 @@
-"""Tests for ``mmmetaformer.patches``: each test fails without the patch it covers."""
+"""The run components the configs name (mmmetaformer.SafeRunner, SafeCheckpointHook) and the
+checkpoint schemes every mmengine load goes through, on a tiny mmengine training run."""
 import copy
 import gc
 import io
 import os
 import pickle
 import socket
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn as nn
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
-from mmengine.model import BaseModel, MMDistributedDataParallel
+from mmengine.model import MMDistributedDataParallel
 from mmengine.runner import CheckpointLoader, Runner, load_checkpoint
-from torch.utils.data import Dataset
 
-import mmmetaformer.patches as patches  # import mmmetaformer applies them
+from mmmetaformer.trust import CheckpointError
 
-
-# --- tiny mmengine training setup ------------------------------------------------
-class TinyModel(BaseModel):
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(2, 1)
-
-    def forward(self, x, y, mode='loss'):
-        pred = self.fc(x).squeeze(-1)
-        return dict(loss=((pred - y)**2).mean()) if mode == 'loss' else pred
-
-
-class TinyData(Dataset):
-    metainfo = dict(classes=('a', ))
-
-    def __len__(self):
-        return 16
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        return dict(x=torch.randn(2, generator=g), y=torch.randn((), generator=g))
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_run import TinyData, TinyModel, log_of, tiny_runner  # noqa: E402
 
 
 class Snapshot(Hook):
@@ -66,30 +47,9 @@ class Snapshot(Hook):
         self._record(runner, 'after')
 
 
-def _runner(work_dir, max_iters, name, resume=False, **kwargs):
-    return Runner(
-        model=TinyModel(),
-        work_dir=str(work_dir),
-        experiment_name=name,
-        train_dataloader=dict(
-            dataset=TinyData(),
-            sampler=dict(type='DefaultSampler', shuffle=True),
-            batch_size=4,
-            collate_fn=dict(type='default_collate')),
-        train_cfg=dict(by_epoch=False, max_iters=max_iters),
-        optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.01)),
-        param_scheduler=dict(
-            type='LinearLR', start_factor=0.5, by_epoch=False, end=10),
-        default_hooks=dict(
-            checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False)),
-        randomness=dict(seed=0),
-        resume=resume,
-        **kwargs)
-
-
-def _train(work_dir, max_iters, name, resume=False):
+def _train(work_dir, max_iters, resume=False, **kwargs):
     snapshot = Snapshot()
-    _runner(work_dir, max_iters, name, resume, custom_hooks=[snapshot]).train()
+    tiny_runner(work_dir, max_iters, resume=resume, custom_hooks=[snapshot], **kwargs).train()
     return snapshot.states
 
 
@@ -97,14 +57,15 @@ def _train(work_dir, max_iters, name, resume=False):
 def trained(tmp_path_factory):
     """A work_dir holding checkpoints of 4 iterations, and the final state."""
     work_dir = tmp_path_factory.mktemp('work_dir')
-    return work_dir, _train(work_dir, 4, f'first-{work_dir.name}')['after']
+    return work_dir, _train(work_dir, 4)['after']
 
 
-# --- safe-load and inert-config: resume / load_from under weights_only=True ------
+# --- resume and load_from ---------------------------------------------------------------------
+
 def test_resume_continues_from_saved_state(trained, tmp_path):
     work_dir, saved = trained
     assert (work_dir / 'last_checkpoint').read_text().endswith('iter_4.pth')
-    states = _train(work_dir, 6, f'resume-{tmp_path.name}', resume=True)
+    states = _train(work_dir, 6, resume=True)
 
     resumed = states['before']
     assert resumed['iter'] == saved['iter'] == 4
@@ -120,14 +81,56 @@ def test_resume_continues_from_saved_state(trained, tmp_path):
     assert (work_dir / 'iter_6.pth').is_file()
 
 
-def test_load_from_runner_checkpoint(trained):
+def test_plain_runner_reads_runner_checkpoints_by_the_trust_rule(trained):
+    """A config without runner_type: mmengine's Runner, whose loads go through the schemes."""
     work_dir, saved = trained
     model = TinyModel()
     ckpt = load_checkpoint(model, str(work_dir / 'iter_4.pth'))
     torch.testing.assert_close(model.state_dict(), saved['model'])
-    assert isinstance(ckpt['message_hub']['log_scalars']['train/loss'],
-                      HistoryBuffer)
+    assert isinstance(ckpt['message_hub']['log_scalars']['train/loss'], HistoryBuffer)
+    runner = Runner(model=TinyModel(), work_dir=str(work_dir), load_from=str(
+        work_dir / 'iter_4.pth'), resume=True, train_dataloader=dict(
+            dataset=TinyData(), sampler=dict(type='DefaultSampler'), batch_size=4,
+            collate_fn=dict(type='default_collate')),
+        train_cfg=dict(by_epoch=False, max_iters=5), optim_wrapper=dict(
+            optimizer=dict(type='AdamW', lr=0.01)), default_hooks=dict(checkpoint=None))
+    runner.train()
+    assert runner.iter == 5
 
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path):
+    runner = tiny_runner(tmp_path, 1, resume=True)
+    runner.train()
+    assert runner.iter == 1
+    log = log_of(tmp_path)
+    assert f'resume: {tmp_path} holds no checkpoint to resume from; training starts from the ' \
+        'beginning' in log and 'latest checkpoint None' not in log
+
+
+def test_resume_of_another_config_is_one_line(trained, tmp_path):
+    work_dir, _ = trained
+    with pytest.raises(CheckpointError) as err:
+        tiny_runner(tmp_path, 6, model=TinyModel(outputs=3), resume=True,
+                    load_from=str(work_dir / 'iter_4.pth')).train()
+    message = str(err.value)
+    assert '\n' not in message and message.startswith(f"cannot resume from {work_dir}")
+    assert 'fc.weight is (1, 2) in the file and (3, 2) in the model' in message
+    assert 'load_from' in message
+
+
+def test_load_from_fine_tunes_to_other_shapes_and_test_refuses_them(trained, tmp_path):
+    work_dir, saved = trained
+    runner = tiny_runner(tmp_path, 1, model=TinyModel(outputs=3),
+                         load_from=str(work_dir / 'iter_4.pth'))
+    runner.train()
+    assert '2 tensors of ' in log_of(tmp_path) and 'keep their initialisation' in log_of(tmp_path)
+    runner = tiny_runner(tmp_path / 'test', 1, model=TinyModel(outputs=3),
+                         load_from=str(work_dir / 'iter_4.pth'))
+    with pytest.raises(CheckpointError, match=r'does not fit .*\n.*wrong shape: fc\.weight'):
+        runner.load_or_resume()  # as runner.test() does
+
+
+# --- the trust rule on every load ------------------------------------------------------------
 
 def test_numpy1_checkpoint_names(tmp_path):
     """Checkpoints written under numpy 1.x name ``numpy.core.multiarray``."""
@@ -138,15 +141,14 @@ def test_numpy1_checkpoint_names(tmp_path):
         for info in src.infolist():
             data = src.read(info)
             if info.filename.endswith('data.pkl'):
-                data = data.replace(b'numpy._core.multiarray',
-                                    b'numpy.core.multiarray')
+                data = data.replace(b'numpy._core.multiarray', b'numpy.core.multiarray')
                 assert b'numpy.core.multiarray' in data
             dst.writestr(info, data)
     hb = CheckpointLoader.load_checkpoint(str(path))['hb']
     assert hb.current() == 0.5 and hb.mean() == 0.5
 
 
-def test_allow_list_is_scoped_to_mmengine_loading(trained):
+def test_allow_list_is_scoped_to_the_load(trained):
     work_dir, _ = trained
     before = set(torch.serialization.get_safe_globals())
     CheckpointLoader.load_checkpoint(str(work_dir / 'iter_4.pth'))
@@ -204,23 +206,17 @@ def test_resume_does_not_trust_the_work_dir(tmp_path):
     path = _evil_checkpoint(tmp_path / 'iter_4.pth', _RunsCode(marker))
     (tmp_path / 'last_checkpoint').write_text(path)
     with pytest.raises(pickle.UnpicklingError, match='refused to load'):
-        _train(tmp_path, 6, f'planted-{tmp_path.name}', resume=True)
+        _train(tmp_path, 6, resume=True)
     assert not marker.exists()
 
 
-def test_apply_is_idempotent():
-    patched = CheckpointLoader.load_checkpoint.__func__
-    patches.apply()
-    assert CheckpointLoader.load_checkpoint.__func__ is patched
-    assert getattr(patched, patches._MARK)
-
-
-# --- cpu-distributed: torchrun + gloo on a CPU-only host -------------------------
+# --- DDP on CPU-only hosts ---------------------------------------------------------------------
 def _dist_worker(rank, port, work_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2',
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    runner = _runner(work_dir, 2, f'dist-{port}', launcher='pytorch',
-                     env_cfg=dict(dist_cfg=dict(backend='gloo')))
+    # the OpenMMLab configs ask for NCCL: the SafeRunner takes gloo on a CPU-only host
+    runner = tiny_runner(work_dir, 2, launcher='pytorch',
+                         env_cfg=dict(dist_cfg=dict(backend='nccl')))
     runner.train()
     assert runner.distributed and runner.world_size == 2 and runner.iter == 2
     assert isinstance(runner.model, MMDistributedDataParallel)
@@ -242,51 +238,3 @@ def test_torchrun_gloo_training_on_cpu(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_dist_worker, args=(port, str(tmp_path)), nprocs=2)
     assert (tmp_path / 'iter_2.pth').is_file()
-
-
-# --- retrieval-in1d: np.in1d in mmpretrain's retrieval metrics -------------------
-def test_retrieval_metrics_on_numpy2():
-    metrics = pytest.importorskip('mmpretrain.evaluation')
-    pred = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.3]])
-    target = [torch.tensor([0]), torch.tensor([2])]  # ranks 1 and 2
-    recall = metrics.RetrievalRecall.calculate(
-        pred, target, topk=(1, 2), target_indices=True)
-    assert [r.item() for r in recall] == [50., 100.]
-    ap = metrics.RetrievalAveragePrecision.calculate(
-        pred, target, topk=3, target_indices=True)
-    assert ap.item() == pytest.approx(75.)
-
-
-# --- MMMETAFORMER_DISABLE_PATCHES ----------------------------------------------------
-REPLACED = '''
-import json, os, sys
-from mmcv.transforms import LoadImageFromFile
-from mmengine.hooks import CheckpointHook
-from mmengine.runner import CheckpointLoader, Runner, checkpoint, runner
-import mmmetaformer
-targets = dict(loader=CheckpointLoader.load_checkpoint.__func__, resume=Runner.resume,
-               to_model=checkpoint._load_checkpoint_to_model, save=runner.save_checkpoint,
-               hook=CheckpointHook._save_best_checkpoint, image=LoadImageFromFile.transform)
-package = os.path.dirname(mmmetaformer.__file__) + os.sep  # not a clone folder of that name
-print(json.dumps(sorted(k for k, f in targets.items() if f.__code__.co_filename.startswith(package))))
-'''
-
-
-@pytest.mark.parametrize('disable,replaced', [
-    ('', ['hook', 'image', 'loader', 'resume', 'save', 'to_model']),
-    ('all', []),
-    ('safe-load, empty-image-name', ['hook', 'resume', 'save', 'to_model'])])
-def test_patches_can_be_turned_off(disable, replaced):
-    import json
-    import subprocess
-    import sys
-    run = subprocess.run([sys.executable, '-c', REPLACED], capture_output=True, text=True,
-                         env=dict(os.environ, MMMETAFORMER_DISABLE_PATCHES=disable), timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert json.loads(run.stdout.splitlines()[-1]) == replaced
-
-
-def test_unknown_patch_names_are_refused(monkeypatch):
-    monkeypatch.setenv('MMMETAFORMER_DISABLE_PATCHES', 'safe-load,no-such-patch')
-    with pytest.raises(ValueError, match=r"unknown patches \['no-such-patch'\]; known: all, "):
-        patches.apply()
