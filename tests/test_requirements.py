@@ -1,6 +1,7 @@
 """``import mmmetaformer`` checks the OpenMMLab modules it needs by import name and version
 (the forks install them under other distribution names) and says what is wrong."""
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -59,3 +60,18 @@ def test_missing_pkg_resources_is_named_with_the_fix(tmp_path):
     assert last.startswith('ImportError: mmengine ') and 'needs the module pkg_resources' in last
     assert f'{sys.executable} -m pip install "setuptools>=80,<81"' in last
 
+
+def test_clone_folder_imported_as_the_package_is_named(tmp_path):
+    """A script saved next to a clone named mmmetaformer imports the clone, not the package:
+    one ImportError names the folder and the fix."""
+    clone = tmp_path / 'mmmetaformer'
+    clone.mkdir()
+    shutil.copy(ROOT / '__init__.py', clone / '__init__.py')
+    (clone / 'mmmetaformer').symlink_to(ROOT / 'mmmetaformer')
+    (tmp_path / 'script.py').write_text('import mmmetaformer\n')
+    proc = subprocess.run([sys.executable, 'script.py'], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f'ImportError: `import mmmetaformer` found {clone}, ')
+    assert f'PYTHONPATH={clone}' in last
