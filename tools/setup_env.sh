@@ -150,7 +150,7 @@ trap 'rm -rf "$work"' EXIT
 # One resolution for everything but mmcv (which needs nothing of it): it runs while mmcv builds.
 log "installing the rest of the stack and mmmetaformer (editable; log: $work/stack.log)"
 grep -vE '^(onedl-)?mmcv==' "$PINS" > "$work/stack.txt"
-uv_install -r "$work/stack.txt" -e "$ROOT[det,seg,export,tests]" > "$work/stack.log" 2>&1 &
+uv_install -r "$work/stack.txt" -e "$ROOT[det,seg,export,mim,tests]" > "$work/stack.log" 2>&1 &
 stack_pid=$!
 
 if ! ls "$wheel_dir"/*.whl >/dev/null 2>&1; then
@@ -211,7 +211,9 @@ if ! wait "$stack_pid"; then
 fi
 log "installing $MMCV_NAME from $wheel_dir"
 uv_install "$wheel_dir"/*.whl
-# the import check, without torch's known `torch.jit.interface` FutureWarning
+# the import check, without torch's known `torch.jit.interface` FutureWarning; importing
+# mmmetaformer checks the stack's versions and that mmengine finds what it needs
+# (pkg_resources: mmmetaformer/requirements.py), and says how to fix what is missing
 "$PY" -W 'ignore:`torch.jit.interface` is deprecated:FutureWarning:torch.jit._script' \
   -c "from mmcv.ops import RoIAlign, nms, batched_nms; import mmmetaformer"
 echo "$want" > "$STAMP"
