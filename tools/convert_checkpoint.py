@@ -63,10 +63,10 @@ def convert(src: str, dst: str, arch: str = None, use_ema: bool = False) -> dict
         meta['head'] = 'mlp' if 'head.fc.fc2.weight' in out else 'linear'
     save(dict(meta=meta, state_dict=out), dst)
     extra = summarize(info)
-    print(f'{info.describe()}: {arch}, {len(backbone)} backbone tensors, '
+    print(f'wrote {dst}: {arch}, {len(backbone)} backbone tensors, '
           + (f"{meta['head']} head with {meta['num_classes']} classes"
              if classifier is not None else 'no classifier head')
-          + (f'; {extra}' if extra else '') + f' -> {dst}')
+          + f', from {info.describe()}' + (f'; {extra}' if extra else ''))
     return meta
 
 
@@ -81,8 +81,8 @@ def _write_whole_model(state, info, what, arch, dst) -> dict:
     save(dict(meta=meta, state_dict=state), dst)
     backbone = sum(k.startswith('backbone.') for k in state)
     extra = summarize(info)
-    print(f'{what}: {arch}, {backbone} backbone and {len(state) - backbone} neck/head tensors'
-          + (f'; {extra}' if extra else '') + f' -> {dst}')
+    print(f'wrote {dst}: {arch}, {backbone} backbone and {len(state) - backbone} neck/head '
+          f'tensors, from {what}' + (f'; {extra}' if extra else ''))
     return meta
 
 
