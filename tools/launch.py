@@ -40,6 +40,7 @@ def check_before_start(script: str, argv):
     spec.loader.exec_module(tool)
     if not hasattr(tool, 'configure'):
         return tool, None
+    sys.argv = [script, *argv]  # as the workers see it (argparse's usage names the script)
     cfg = tool.configure(tool.parse_args(argv))
     runner = cfg.get('runner_type', 'Runner')
     runner = RUNNERS.get(runner) if isinstance(runner, str) else runner
