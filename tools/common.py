@@ -6,10 +6,12 @@ Import it before torch and the OpenMMLab packages: it silences their known warni
 """
 import argparse
 import gc
+import json
 import os
 import os.path as osp
 import re
 import sys
+import time
 import warnings
 
 # Known, harmless warnings of the pinned third-party stack: (start of the message, category,
@@ -34,12 +36,17 @@ def silence_known_warnings():
 
 silence_known_warnings()
 
-import torch  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+try:
+    import torch  # noqa: E402
+    from mmengine.config import Config, DictAction  # noqa: E402
 
-import mmmetaformer  # noqa: F401,E402  (registers the backbones and run components)
+    import mmmetaformer  # noqa: F401,E402  (registers the backbones and run components)
+except KeyboardInterrupt:  # Ctrl-C while the stack loads (seconds): no traceback
+    sys.exit(130)
 
 DEBUG_ENV = 'MMMETAFORMER_DEBUG'
+#: Set by tools/launch.py for its workers: it reports their errors itself, once.
+LAUNCHER_ENV = 'MMMETAFORMER_LAUNCHER'
 
 
 def add_debug_arg(parser: argparse.ArgumentParser):
@@ -49,16 +56,82 @@ def add_debug_arg(parser: argparse.ArgumentParser):
 
 def run_tool(main):
     """Run a tool's ``main()``. An exception becomes one ``error: ...`` line on stderr and exit
-    status 1; with ``--debug`` on the command line or ``MMMETAFORMER_DEBUG=1`` it is raised with
-    its traceback instead. Ctrl-C ends it with status 130."""
+    status 1 (:func:`fail`); with ``--debug`` on the command line or ``MMMETAFORMER_DEBUG=1`` it
+    is raised with its traceback instead. Ctrl-C ends it with status 130."""
     try:
         main()
     except KeyboardInterrupt:
         sys.exit(130)  # the tool said what was interrupted, or the shell shows ^C
-    except Exception as err:
-        if '--debug' in sys.argv[1:] or os.getenv(DEBUG_ENV, '0') not in ('', '0'):
+    except SystemExit as stop:
+        if not (isinstance(stop.code, str) and stop.code.startswith('error: ')):
             raise
-        sys.exit(f'error: {describe_error(err)}')
+        fail(stop.code[len('error: '):], user_error=True)
+    except Exception as err:
+        if debugging():
+            raise
+        fail(describe_error(err), user_error=is_user_error(err))
+
+
+def debugging() -> bool:
+    return '--debug' in sys.argv[1:] or os.getenv(DEBUG_ENV, '0') not in ('', '0')
+
+
+def process_rank():
+    """``(rank, number of processes)`` of this process in its run: torchrun's, srun's, or
+    ``(0, 1)``."""
+    for rank, size in (('RANK', 'WORLD_SIZE'), ('SLURM_PROCID', 'SLURM_NTASKS')):
+        if os.getenv(size):
+            return int(os.getenv(rank, '0')), int(os.environ[size])
+    return 0, 1
+
+
+def speaks_for_the_run() -> bool:
+    """Whether this process prints what every process of the run would print alike: the only
+    process, or rank 0 of several, but not a worker of tools/launch.py (which prints that)."""
+    return process_rank()[0] == 0 and not _launched()
+
+
+def _launched() -> bool:
+    return bool(os.getenv(LAUNCHER_ENV) and os.getenv('TORCHELASTIC_ERROR_FILE'))
+
+
+#: How long another process than rank 0 waits before it prints a user error itself.
+PEER_ERROR_DELAY = 10
+
+
+def fail(message: str, user_error: bool):
+    """Exit with status 1 after ``error: message``. Under torchrun the message goes to the
+    worker's error file (``TORCHELASTIC_ERROR_FILE``), of which tools/launch.py prints the
+    cause once. Of several processes (srun, torchrun without tools/launch.py), a user error
+    (the same on every process) is printed by rank 0; the others wait
+    :data:`PEER_ERROR_DELAY` seconds first, in which srun (``--kill-on-bad-exit``) or torchrun
+    ends them once rank 0 has failed: their line shows only when rank 0 did not fail, or was
+    ended before it could say why. An unexpected error is printed by its process."""
+    error_file, now = os.getenv('TORCHELASTIC_ERROR_FILE'), time.time()
+    if error_file:
+        with open(error_file, 'w') as f:  # torchelastic's layout, its timestamp in seconds
+            json.dump({'message': {'message': message, 'extraInfo': {
+                'timestamp': str(int(now)), 'time': now, 'user_error': user_error}}}, f)
+    if _launched():
+        sys.exit(1)
+    rank, processes = process_rank()
+    if user_error and rank != 0:
+        time.sleep(PEER_ERROR_DELAY)
+    sys.exit(f'error: [rank {rank}] {message}' if processes > 1 and (rank or not user_error)
+             else f'error: {message}')
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is about the user's files or arguments, the same on every process: one
+    of mmmetaformer's error classes (in its chain), a missing file or a denied permission."""
+    return _package_error(err) is not None or isinstance(err, (FileNotFoundError,
+                                                               PermissionError))
+
+
+def _package_error(err: BaseException):
+    while err is not None and not type(err).__module__.startswith('mmmetaformer.'):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def describe_error(err: BaseException) -> str:
@@ -66,9 +139,7 @@ def describe_error(err: BaseException) -> str:
     about a file or an argument (its own error classes: CheckpointError, DatasetError,
     ExportError), which says what to do; other errors are named with their type and a pointer
     to ``--debug``."""
-    cause = err
-    while cause is not None and not type(cause).__module__.startswith('mmmetaformer.'):
-        cause = cause.__cause__ or cause.__context__
+    cause = _package_error(err)
     if cause is not None:
         return str(cause)
     if isinstance(err, (FileNotFoundError, PermissionError)):

@@ -2,6 +2,8 @@
 # torchrun for a script of tools/ on NPROC processes of this node (NCCL on GPUs, gloo on CPUs);
 # dist_train.sh and dist_test.sh call it:
 #   tools/dist_launch.sh NPROC SCRIPT [SCRIPT arguments]
+# tools/launch.py runs torchrun: it first refuses in one process what every process would refuse
+# (config, checkpoint, datasets), then says a failure of the workers in one `error:` line.
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and PORT on every node.
 # PYTHON selects the interpreter (default: the active environment, else .venv; see below).
 set -euo pipefail
@@ -22,7 +24,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 
 PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}" \
-"$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" "$TOOLS/launch.py" \
     --nnodes="$NNODES" \
     --node_rank="$NODE_RANK" \
     --master_addr="$MASTER_ADDR" \

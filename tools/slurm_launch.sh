@@ -3,7 +3,10 @@
 #   [GPUS=8] [GPUS_PER_NODE=8] [CPUS_PER_TASK=5] [SRUN_ARGS=...] \
 #   tools/slurm_launch.sh PARTITION JOB_NAME SCRIPT [SCRIPT arguments]
 # PYTHON selects the interpreter (default: the active environment, else .venv; see below).
-set -euxo pipefail
+# Before srun, tools/launch.py --check-only refuses in one process what every task would refuse
+# (config, checkpoint, datasets); in the tasks, rank 0 reports a user error, the others only
+# unexpected errors, with their rank.
+set -euo pipefail
 PARTITION=$1
 JOB_NAME=$2
 SCRIPT=$3
@@ -21,7 +24,10 @@ if [[ -z "${PYTHON:-}" ]]; then
   fi
 fi
 
-PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}" \
+export PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}"
+# mmengine sets these for every distributed run, with a warning in each task
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+"$PYTHON" "$TOOLS/launch.py" --check-only "$TOOLS/$SCRIPT" "${@:4}"
 srun -p "$PARTITION" \
     --job-name="$JOB_NAME" \
     --gres=gpu:"$GPUS_PER_NODE" \

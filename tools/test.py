@@ -11,8 +11,11 @@ import os
 
 from common import add_common_args, build_runner, check_file, finish, load_config, run_tool
 
+#: The dataloader a test reads (what SafeRunner.test() checks first).
+DATALOADERS = ('test_dataloader',)
 
-def parse_args():
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Test a checkpoint with an OpenMMLab config')
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
@@ -26,7 +29,7 @@ def parse_args():
                         'them; a detector config can inherit e.g. '
                         'mmdet::retinanet/retinanet_tta.py)')
     add_common_args(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def enable_tta(cfg):
@@ -61,8 +64,9 @@ def enable_drawing(cfg, scope, show_dir):
         hook.update(enable=True, interval=1, out_dir=show_dir)
 
 
-def main():
-    args = parse_args()
+def configure(args):
+    """The run's config from the command line; refuses what every process would refuse (a
+    missing checkpoint, the config, options it does not support)."""
     check_file(args.checkpoint, 'checkpoint')
     cfg = load_config(args)
     cfg.load_from = args.checkpoint
@@ -75,6 +79,13 @@ def main():
         cfg.test_evaluator.update(output_dir=args.out, keep_results=True)
     elif args.out and not args.out.endswith(('.pkl', '.pickle')):
         raise SystemExit(f'error: --out must be a .pkl file for {scope} configs, got {args.out}')
+    return cfg
+
+
+def main():
+    args = parse_args()
+    cfg = configure(args)
+    scope = cfg.get('default_scope')
     runner = build_runner(cfg)
     partial = None
     if args.out and scope != 'mmseg':  # written whole: to a temporary file renamed at the end
