@@ -548,8 +548,9 @@ def load_backbone_checkpoint(backbone, checkpoint, prefix: Optional[str] = None,
 def prepare_model_state(model, checkpoint: Mapping, source, purpose: str = 'load') -> dict:
     """The state dict of the whole-model ``checkpoint`` (read from ``source``) to load into
     ``model``, a detector, segmentor or classifier with MetaFormer backbones (a backbone alone:
-    :func:`load_backbone_checkpoint`): every tensor of the model, each with its shape (see :func:`check_model_fit` for
-    ``purpose``), the backbones' tensors in any supported layout, validated."""
+    :func:`load_backbone_checkpoint`): every tensor of the model, each with its shape (see
+    :func:`check_model_fit` for ``purpose``), the backbones' tensors in any supported layout,
+    validated."""
     from .models.metaformer import MetaFormer
     state, info = state_dict_of(checkpoint, str(source))
     what = str(source) if purpose == 'resume' else describe_source(state, info)

@@ -2,9 +2,10 @@
 
 Every file the project writes goes through :func:`replacing`: a temporary file in the same
 folder, renamed over the destination once complete, so that a reader, or a run killed
-meanwhile, sees the old file or the whole new one. :class:`AtomicLocalBackend` is mmengine's
-local file backend with that rule (registered as ``'mmmetaformer_local'``; the checkpoint hook
-of :mod:`mmmetaformer.engine.hooks` saves through it).
+meanwhile, sees the old file or the whole new one (mmengine's file backend
+``'mmmetaformer_local'``, :class:`~mmmetaformer.engine.hooks.AtomicLocalBackend`, writes so).
+Imports only the standard library at module level: tools/onnx_infer.py (no torch) loads this
+file for its pictures.
 """
 import contextlib
 import glob
@@ -13,8 +14,6 @@ import os.path as osp
 import re
 import zipfile
 from typing import List, Optional
-
-from mmengine.fileio import LocalBackend
 
 
 def _alive(pid: int) -> bool:
@@ -64,17 +63,6 @@ def save(obj, path) -> None:
     import torch
     with replacing(path, 'wb') as f:
         torch.save(obj, f)
-
-
-class AtomicLocalBackend(LocalBackend):
-    """mmengine's local file backend whose writes replace a file only once complete."""
-
-    def put(self, obj: bytes, filepath) -> None:
-        write_bytes(filepath, obj)
-
-    def put_text(self, obj: str, filepath, encoding: str = 'utf-8') -> None:
-        with replacing(filepath, 'w', encoding=encoding) as f:
-            f.write(obj)
 
 
 # --- intact checkpoints -------------------------------------------------------------------

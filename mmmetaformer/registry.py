@@ -7,7 +7,7 @@ makes: importing the package changes mmengine only through these public extensio
   (``custom_imports=dict(imports=['mmmetaformer'], allow_failed_imports=False)``);
 - :func:`register_extensions`: the checkpoint schemes of :mod:`mmmetaformer.sources`
   (``CheckpointLoader.register_scheme``: every checkpoint mmengine loads is read by the trust
-  rule), the file backend ``'mmmetaformer_local'`` (:class:`~mmmetaformer.fileio.
+  rule), the file backend ``'mmmetaformer_local'`` (:class:`~mmmetaformer.engine.hooks.
   AtomicLocalBackend`) and the config scope ``mmmetaformer::`` (mmengine's ``MODULE2PACKAGE``).
 """
 import importlib.metadata
@@ -40,7 +40,7 @@ def register_extensions():
     from mmengine.fileio import register_backend
     from mmengine.runner import CheckpointLoader
 
-    from .fileio import AtomicLocalBackend
+    from .engine.hooks import AtomicLocalBackend
     from .sources import SCHEMES
     for prefixes, loader in SCHEMES.items():
         CheckpointLoader.register_scheme(prefixes, loader, force=True)

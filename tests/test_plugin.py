@@ -76,7 +76,7 @@ def test_config_scope_and_file_backend_are_registered():
     from mmengine.fileio import get_file_backend
 
     import mmmetaformer  # noqa: F401
-    from mmmetaformer.fileio import AtomicLocalBackend
+    from mmmetaformer.engine.hooks import AtomicLocalBackend
     assert MODULE2PACKAGE['mmmetaformer'] == 'mmmetaformer.registry'
     assert isinstance(get_file_backend('x', backend_args=dict(backend='mmmetaformer_local')),
                       AtomicLocalBackend)

@@ -23,18 +23,21 @@ import numpy as np
 import onnxruntime as ort
 
 
-def _dataset_checks():
-    """mmmetaformer/dataset_checks.py, loaded as a file: importing the package would import
-    torch and the OpenMMLab packages."""
-    path = osp.join(osp.dirname(osp.abspath(__file__)), '..', 'mmmetaformer',
-                    'dataset_checks.py')
-    spec = importlib.util.spec_from_file_location('mmmetaformer_dataset_checks', path)
+def _package_file(name):
+    """The module mmmetaformer/<name>.py (standard library only), loaded as a file from where
+    the package is installed: importing the package would import torch and the OpenMMLab
+    packages."""
+    spec = importlib.util.find_spec('mmmetaformer')  # locates the package, imports nothing
+    folder = spec.submodule_search_locations[0] if spec else osp.join(
+        osp.dirname(osp.dirname(osp.abspath(__file__))), 'mmmetaformer')  # beside tools/
+    spec = importlib.util.spec_from_file_location(f'mmmetaformer_{name}',
+                                                  osp.join(folder, f'{name}.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-dataset_checks = _dataset_checks()
+dataset_checks, fileio = _package_file('dataset_checks'), _package_file('fileio')
 printable = dataset_checks.printable
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 MAX_SIDE = 16384  # of the model's input, and of each size the metadata gives
@@ -361,7 +364,10 @@ def main(argv=None):
         else:
             picture, label, score = draw_classification(model, image, outputs[0])
             message = f'{printable(model.name(label))} ({score:.2f})'
-        cv2.imwrite(out, picture)
+        ok, data = cv2.imencode(osp.splitext(out)[1], picture)
+        if not ok:
+            raise ValueError(f'cannot encode the picture for {out}')
+        fileio.write_bytes(out, data.tobytes())
         print(f'{path}: {message} -> {out}')
 
 

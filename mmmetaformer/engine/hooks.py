@@ -1,11 +1,25 @@
-"""A checkpoint hook whose saves survive a kill at any moment."""
+"""A checkpoint hook whose saves survive a kill at any moment, and the file backend it saves
+through."""
 import os.path as osp
 
 from mmengine.dist import is_main_process
+from mmengine.fileio import LocalBackend
 from mmengine.hooks import CheckpointHook
 
-from ..fileio import replacing
+from ..fileio import replacing, write_bytes
 from ..registry import HOOKS
+
+
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's local file backend whose writes replace a file only once complete
+    (registered as ``'mmmetaformer_local'``)."""
+
+    def put(self, obj: bytes, filepath) -> None:
+        write_bytes(filepath, obj)
+
+    def put_text(self, obj: str, filepath, encoding: str = 'utf-8') -> None:
+        with replacing(filepath, 'w', encoding=encoding) as f:
+            f.write(obj)
 
 
 class _DeferredRemovals:

@@ -1,11 +1,14 @@
-"""A Runner that checks what it reads and runs DDP on CPUs: ``runner_type='mmmetaformer.SafeRunner'``."""
+"""A Runner that checks what it reads and runs DDP on CPUs:
+``runner_type='mmmetaformer.SafeRunner'``."""
 import copy
 import datetime
+import inspect
 import logging
 import os
 import sys
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from mmengine.device import get_device
 from mmengine.dist import is_distributed
 from mmengine.logging import print_log
@@ -19,6 +22,12 @@ from ..dataset_checks import check_dataset
 from ..fileio import damage, intact_checkpoints
 from ..registry import RUNNERS
 from ..trust import CheckpointError
+
+
+# mmengine's DDP default, buffers not broadcast at each forward, in the argument that recent
+# torch takes for it (it warns in every process that broadcast_buffers is deprecated)
+_NO_FORWARD_BUFFER_SYNC = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in \
+    inspect.signature(DistributedDataParallel).parameters else dict(broadcast_buffers=False)
 
 
 def _on_rank0(line: str):
@@ -85,7 +94,7 @@ class SafeRunner(Runner):
         if not self.distributed or is_model_wrapper(model):
             return super().wrap_model(model_wrapper_cfg, model)
         cfg = copy.deepcopy(model_wrapper_cfg) or dict(
-            broadcast_buffers=False,
+            _NO_FORWARD_BUFFER_SYNC,
             find_unused_parameters=self.cfg.get('find_unused_parameters', False))
         if not cfg.get('find_unused_parameters'):
             unused = params_without_gradient(model)

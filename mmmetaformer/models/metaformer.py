@@ -369,7 +369,8 @@ class MetaFormer(BaseModule):
 
 @MODELS.register_module()
 class PoolFormer(MetaFormer):
-    """PoolFormer (v1), "MetaFormer Is Actually What You Need for Vision"; arch s12/s24/s36/m36/m48."""
+    """PoolFormer (v1), "MetaFormer Is Actually What You Need for Vision"; arch
+    s12/s24/s36/m36/m48."""
     family = 'poolformer'
 
 
