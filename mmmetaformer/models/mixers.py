@@ -58,7 +58,8 @@ class SepConv(nn.Module):
 
 
 class Attention(nn.Module):
-    """Global multi-head self-attention (no position embedding) via SDPA."""
+    """Global multi-head self-attention (no position embedding) via SDPA; under jit tracing
+    (FLOP counters, see :mod:`.layers`) as ``softmax(q k^T / sqrt(d)) v`` in matmuls."""
 
     def __init__(self, dim: int, head_dim: int = 32):
         super().__init__()
@@ -72,7 +73,10 @@ class Attention(nn.Module):
         B, H, W, _ = x.shape
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if torch.jit.is_tracing():
+            x = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
 
 
