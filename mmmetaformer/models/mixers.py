@@ -102,7 +102,8 @@ class RandomMixing(nn.Module):
     The matrix is defined on the native token grid of a 224x224 input; other grids use it
     resampled by :func:`resample_mixing_matrix`. The resampled matrices of all modules share
     one least-recently-used cache of at most ``cache_bytes`` (a larger matrix is resampled at
-    every call).
+    every call). Under ``torch.compile`` the graph resamples at every call: the cache is Python
+    state that a graph cannot keep, and resampling costs a small part of the mixing's matmul.
     """
 
     cache_bytes = 512 * 2**20
@@ -119,6 +120,9 @@ class RandomMixing(nn.Module):
         matrix = self.random_matrix
         if (H, W) == (self.native_size, self.native_size):
             return matrix
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return resample_mixing_matrix(matrix, (H, W))
         # Tensors made under inference_mode cannot enter autograd: cache them apart.
         key = (self._cache_token, H, W, matrix.device, matrix.dtype, matrix._version,
                torch.is_inference_mode_enabled())
