@@ -140,16 +140,18 @@ def test_detector_mode(tmp_path):
 
 
 def test_compiled_side_by_side(capsys, one_thread):
-    """--compile: ours under torch.compile (Dynamo only: backend eager) next to ours eager at
-    two sizes, with the same outputs, in the records and in extra table columns (in this
-    process: the tool's own process start is tested above)."""
+    """--compile --compile-dynamic: ours under torch.compile (Dynamo only: backend eager) next
+    to ours eager at two sizes, with the same outputs, in the records and in extra table
+    columns (in this process: the tool's own process start is tested above)."""
     import benchmark as tool
     result = tool.run(tool.parse_args([
         '--models', 'identityformer_s12', '--sizes', '64x96', '96x128', '--modes', 'forward',
         '--batch', '1', '--repeats', str(REPEATS), '--warmup', '0', '--device', 'cpu',
-        '--threads', '1', '--no-memory', '--compile', '--compile-backend', 'eager']))
-    assert (result['settings']['compile'], result['settings']['compile_backend']) == (
-        True, 'eager')
+        '--threads', '1', '--no-memory', '--compile', '--compile-backend', 'eager',
+        '--compile-dynamic']))
+    settings = result['settings']
+    assert (settings['compile'], settings['compile_backend'], settings['compile_dynamic']) == (
+        True, 'eager', True)
     records = result['records']
     assert [r['size'] for r in records] == ['64x96', '96x128']
     for r in records:

@@ -4,7 +4,8 @@ alone or inside a whole mmdet Mask R-CNN / mmseg UperNet.
     python tools/benchmark.py [--task backbone|maskrcnn|upernet] [--models NAME ...]
         [--sizes 224 512x512 800x1333] [--batch N] [--device cpu|cuda] [--dtype fp32|bf16]
         [--channels-last] [--with-cp] [--modes forward train] [--repeats N] [--warmup N]
-        [--threads N] [--no-memory] [--compile [--compile-backend NAME]] [--json OUT]
+        [--threads N] [--no-memory] [--compile [--compile-backend NAME] [--compile-dynamic]]
+        [--json OUT]
 
 Both models hold the same weights (a timm model's state dict, loaded into ours through
 ``init_cfg``) and return the raw stage outputs; their largest output difference is recorded
@@ -18,9 +19,9 @@ with this project's backbone against the same model with ``mmpretrain.TIMMBackbo
 (``features_only``), all other weights copied; ``forward`` is a test forward (``predict``),
 ``train`` a training step (loss, backward) on a synthetic batch; no memory figures.
 
-``--compile`` adds ours under ``torch.compile`` (``fullgraph=True, dynamic=True``: one compile
-serves every size), timed side by side with ours eager; in a whole model its backbone is
-compiled in place (``model.backbone.compile(...)``), as the docs advise for training runs.
+``--compile`` adds ours under ``torch.compile(fullgraph=True)``, timed side by side with ours
+eager: compiled for each size, or with ``--compile-dynamic`` once for all sizes; in a whole
+model its backbone is compiled in place (``model.backbone.compile(...)``), as the docs advise.
 """
 import argparse
 import copy
@@ -95,6 +96,8 @@ def parse_args(argv=None):
                         help='also time ours under torch.compile, against ours eager')
     parser.add_argument('--compile-backend', default='inductor', metavar='NAME',
                         help='torch.compile backend (default: %(default)s; eager: Dynamo only)')
+    parser.add_argument('--compile-dynamic', action='store_true',
+                        help='one compile for all sizes (dynamic=True); default: one per size')
     parser.add_argument('--json', metavar='OUT', help='write the results to this JSON file')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)  # internal, see cpu_peaks
     add_debug_arg(parser)
@@ -119,20 +122,24 @@ def _usable_cores() -> int:
 
 # --- models and steps ----------------------------------------------------------------------
 
-def compile_model(model: nn.Module, backend: str) -> nn.Module:
-    """``model`` under ``torch.compile``: one graph, dynamic sizes."""
-    return torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+def compile_settings(args) -> dict:
+    """The ``torch.compile`` arguments of ``--compile``: one graph, static or dynamic sizes."""
+    return dict(backend=args.compile_backend, fullgraph=True, dynamic=args.compile_dynamic)
+
+
+def compile_model(model: nn.Module, args) -> nn.Module:
+    return torch.compile(model, **compile_settings(args))
 
 
 def build(impl: str, name: str, with_cp: bool, channels_last: bool, device, checkpoint=None,
-          compile_backend: str = 'inductor'):
+          compile_args=None):
     """Ours (``out_norm=None``; ``compiled``: under :func:`compile_model`) or timm's
     ``features_only`` model, with ``checkpoint`` (a timm file) as weights if given; returns the
     model and what ``with_cp`` applied to timm."""
     applied = None
     if impl == 'compiled':
         model, _ = build('ours', name, with_cp, channels_last, device, checkpoint)
-        return compile_model(model, compile_backend), None
+        return compile_model(model, compile_args), None
     if impl == 'ours':
         model = MetaFormer(arch=name, out_norm=None, with_cp=with_cp, init_cfg=dict(
             type='Pretrained', checkpoint=checkpoint) if checkpoint else None)
@@ -185,7 +192,7 @@ def build_pair(args, name: str, device):
                                        checkpoint)
         models = {'ours': ours, 'timm': reference}
     if args.compile:
-        models['compiled'] = compile_model(models['ours'], args.compile_backend)
+        models['compiled'] = compile_model(models['ours'], args)
     return models, applied
 
 
@@ -269,8 +276,7 @@ def build_dense_pair(args, name: str, device) -> dict:
     models = {'ours': ours, 'timm': peer}
     if args.compile:
         models['compiled'] = copy.deepcopy(ours)
-        models['compiled'].backbone.compile(backend=args.compile_backend, fullgraph=True,
-                                            dynamic=True)
+        models['compiled'].backbone.compile(**compile_settings(args))
     for model in models.values():
         model.to(device)
         if args.channels_last:
@@ -422,7 +428,7 @@ def memory_child(spec: dict) -> dict:
     torch.manual_seed(0)
     device = torch.device('cpu')
     model, _ = build(args.impl, args.model, args.with_cp, args.channels_last, device,
-                     compile_backend=args.compile_backend)
+                     compile_args=args)
     x = make_input(args, tuple(args.size), device)
     return {mode: rss_peak_mib(make_step(model, x, mode, args.dtype)) for mode in args.modes}
 
@@ -432,7 +438,8 @@ def cpu_peaks(args, impl: str, name: str, size) -> dict:
     implementation nor earlier cases leave memory (allocator caches) behind."""
     spec = dict(impl=impl, model=name, size=size, batch=args.batch, dtype=args.dtype,
                 channels_last=args.channels_last, with_cp=args.with_cp, modes=args.modes,
-                threads=args.threads, compile_backend=args.compile_backend)
+                threads=args.threads, compile_backend=args.compile_backend,
+                compile_dynamic=args.compile_dynamic)
     cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', json.dumps(spec)]
     proc = subprocess.run(cmd, env=dict(os.environ, **CHILD_ENV), capture_output=True, text=True)
     if proc.returncode:

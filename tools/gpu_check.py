@@ -29,8 +29,8 @@ FAMILY_MODELS = ('poolformer_s12', 'poolformerv2_s12', 'identityformer_s12', 'ra
                  'convformer_s18', 'caformer_s18')
 #: Per device: input size of the model checks, (batch, size) of the whole models and of the
 #: benchmark (batch >= 2: UperNet's pooling branch has a BatchNorm over 1x1 maps), repeats;
-#: the torch.compile backend and the two sizes one compile serves (not square: the first
-#: size's equal height and width would share one symbol, and a later size recompile).
+#: the torch.compile backend and two sizes (not square: with dynamic sizes the first size's
+#: equal height and width would share one symbol, and a later size compile again).
 SETTINGS = {'cuda': dict(size=(224, 224), dense=(2, (512, 512)), repeats=10, warmup=3,
                          compile_backend='inductor', compile_sizes=((512, 640), (640, 896))),
             'cpu': dict(size=(64, 64), dense=(2, (96, 96)), repeats=2, warmup=1,
@@ -203,27 +203,38 @@ def benchmark_rows(device, settings) -> list:
 
 
 def compile_rows(device, settings) -> list:
-    """``tools/benchmark.py --compile``: ours compiled (one graph, dynamic sizes) against ours
-    eager, fp32; the first compiled step at the second size shows whether it recompiled."""
+    """``tools/benchmark.py --compile``: ours compiled against ours eager, fp32, compiled for
+    each size, then once for both (``--compile-dynamic``, forward and training steps apart:
+    the first compiled step at the second size shows whether it compiled again). A run that
+    fails gives a FAIL row with its error."""
     batch = settings['dense'][0]
-    args = ['--device', device.type, '--models', 'caformer_s18', 'convformer_s18',
-            '--sizes', *(f'{h}x{w}' for h, w in settings['compile_sizes']),
-            '--batch', str(batch), '--repeats', str(settings['repeats']),
-            '--warmup', str(settings['warmup']), '--compile',
-            '--compile-backend', settings['compile_backend']]
-    with contextlib.redirect_stdout(io.StringIO()):
-        records = benchmark.run(benchmark.parse_args(args))['records']
+    common = ['--device', device.type, '--models', 'caformer_s18', 'convformer_s18',
+              '--sizes', *(f'{h}x{w}' for h, w in settings['compile_sizes']),
+              '--batch', str(batch), '--repeats', str(settings['repeats']),
+              '--warmup', str(settings['warmup']), '--compile',
+              '--compile-backend', settings['compile_backend']]
     rows = []
-    for r in records:
-        memory = ('' if r['ours_peak_mib'] is None else
-                  f'; peak eager {r["ours_peak_mib"]:.0f} MiB, compiled '
-                  f'{r["compiled_peak_mib"]:.0f} MiB')
-        rows.append(row(f'compile {r["model"]} {r["mode"]} {r["size"]}', None,
-                        f'batch {batch}, {settings["compile_backend"]}: eager '
-                        f'{r["ours_ms"]:.1f} ms, compiled {r["compiled_ms"]:.1f} ms, ratio '
-                        f'{r["compiled_ratio"]:.2f}; first compiled step '
-                        f'{r["compiled_first_s"]:.1f} s; max diff '
-                        f'{r["compiled_max_abs_diff"]:.1e}{memory}'))
+    for kind, modes in (('static', ['forward', 'train']), ('dynamic', ['forward']),
+                        ('dynamic', ['train'])):
+        extra = ['--modes', *modes] + (['--compile-dynamic'] if kind == 'dynamic' else [])
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                records = benchmark.run(benchmark.parse_args(common + extra))['records']
+        except Exception as err:  # a compiler's error is what the row reports
+            message = (str(err).strip().splitlines() or [''])[0]
+            rows.append(row(f'compile {kind} {" ".join(modes)}', False,
+                            f'{type(err).__name__}: {message}'[:300]))
+            continue
+        for r in records:
+            memory = ('' if r['ours_peak_mib'] is None else
+                      f'; peak eager {r["ours_peak_mib"]:.0f} MiB, compiled '
+                      f'{r["compiled_peak_mib"]:.0f} MiB')
+            rows.append(row(f'compile {kind} {r["model"]} {r["mode"]} {r["size"]}', None,
+                            f'batch {batch}, {settings["compile_backend"]}: eager '
+                            f'{r["ours_ms"]:.1f} ms, compiled {r["compiled_ms"]:.1f} ms, ratio '
+                            f'{r["compiled_ratio"]:.2f}; first compiled step '
+                            f'{r["compiled_first_s"]:.1f} s; max diff '
+                            f'{r["compiled_max_abs_diff"]:.1e}{memory}'))
     return rows
 
 
