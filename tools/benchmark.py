@@ -4,7 +4,8 @@ alone or inside a whole mmdet Mask R-CNN / mmseg UperNet.
     python tools/benchmark.py [--task backbone|maskrcnn|upernet] [--models NAME ...]
         [--sizes 224 512x512 800x1333] [--batch N] [--device cpu|cuda] [--dtype fp32|bf16]
         [--channels-last] [--with-cp] [--modes forward train] [--repeats N] [--warmup N]
-        [--threads N] [--no-memory] [--json OUT]
+        [--threads N] [--no-memory] [--compile [--compile-backend NAME] [--compile-dynamic]]
+        [--json OUT]
 
 Both models hold the same weights (a timm model's state dict, loaded into ours through
 ``init_cfg``) and return the raw stage outputs; their largest output difference is recorded
@@ -17,6 +18,10 @@ README, "Benchmark"). IdentityFormer and RandFormer have no timm model: ours onl
 with this project's backbone against the same model with ``mmpretrain.TIMMBackbone``
 (``features_only``), all other weights copied; ``forward`` is a test forward (``predict``),
 ``train`` a training step (loss, backward) on a synthetic batch; no memory figures.
+
+``--compile`` adds ours under ``torch.compile(fullgraph=True)``, timed side by side with ours
+eager: compiled for each size, or with ``--compile-dynamic`` once for all sizes; in a whole
+model its backbone is compiled in place (``model.backbone.compile(...)``), as the docs advise.
 """
 import argparse
 import copy
@@ -87,6 +92,12 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=_usable_cores(),
                         help='torch threads (default: usable cores, %(default)s)')
     parser.add_argument('--no-memory', action='store_true', help='skip peak memory')
+    parser.add_argument('--compile', action='store_true',
+                        help='also time ours under torch.compile, against ours eager')
+    parser.add_argument('--compile-backend', default='inductor', metavar='NAME',
+                        help='torch.compile backend (default: %(default)s; eager: Dynamo only)')
+    parser.add_argument('--compile-dynamic', action='store_true',
+                        help='one compile for all sizes (dynamic=True); default: one per size')
     parser.add_argument('--json', metavar='OUT', help='write the results to this JSON file')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)  # internal, see cpu_peaks
     add_debug_arg(parser)
@@ -111,10 +122,24 @@ def _usable_cores() -> int:
 
 # --- models and steps ----------------------------------------------------------------------
 
-def build(impl: str, name: str, with_cp: bool, channels_last: bool, device, checkpoint=None):
-    """Ours (``out_norm=None``) or timm's ``features_only`` model, with ``checkpoint`` (a timm
-    file) as weights if given; returns the model and what ``with_cp`` applied to timm."""
+def compile_settings(args) -> dict:
+    """The ``torch.compile`` arguments of ``--compile``: one graph, static or dynamic sizes."""
+    return dict(backend=args.compile_backend, fullgraph=True, dynamic=args.compile_dynamic)
+
+
+def compile_model(model: nn.Module, args) -> nn.Module:
+    return torch.compile(model, **compile_settings(args))
+
+
+def build(impl: str, name: str, with_cp: bool, channels_last: bool, device, checkpoint=None,
+          compile_args=None):
+    """Ours (``out_norm=None``; ``compiled``: under :func:`compile_model`) or timm's
+    ``features_only`` model, with ``checkpoint`` (a timm file) as weights if given; returns the
+    model and what ``with_cp`` applied to timm."""
     applied = None
+    if impl == 'compiled':
+        model, _ = build('ours', name, with_cp, channels_last, device, checkpoint)
+        return compile_model(model, compile_args), None
     if impl == 'ours':
         model = MetaFormer(arch=name, out_norm=None, with_cp=with_cp, init_cfg=dict(
             type='Pretrained', checkpoint=checkpoint) if checkpoint else None)
@@ -152,17 +177,23 @@ def perturb(model: nn.Module) -> nn.Module:
 
 def build_pair(args, name: str, device):
     """Ours and, where timm has ``name``, timm's model, both with the weights of a timm model
-    (seed 0, perturbed); and what ``--with-cp`` applied to timm's."""
+    (seed 0, perturbed), and with ``--compile`` ours compiled; and what ``--with-cp`` applied
+    to timm's."""
     torch.manual_seed(0)
     if not timm.is_model(name):
-        return {'ours': build('ours', name, args.with_cp, args.channels_last, device)[0]}, None
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = os.path.join(tmp, f'{name}.safetensors')
-        save_file(perturb(timm.create_model(name)).state_dict(), checkpoint)
-        ours, _ = build('ours', name, args.with_cp, args.channels_last, device, checkpoint)
-        reference, applied = build('timm', name, args.with_cp, args.channels_last, device,
-                                   checkpoint)
-    return {'ours': ours, 'timm': reference}, applied
+        models = {'ours': build('ours', name, args.with_cp, args.channels_last, device)[0]}
+        applied = None
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = os.path.join(tmp, f'{name}.safetensors')
+            save_file(perturb(timm.create_model(name)).state_dict(), checkpoint)
+            ours, _ = build('ours', name, args.with_cp, args.channels_last, device, checkpoint)
+            reference, applied = build('timm', name, args.with_cp, args.channels_last, device,
+                                       checkpoint)
+        models = {'ours': ours, 'timm': reference}
+    if args.compile:
+        models['compiled'] = compile_model(models['ours'], args)
+    return models, applied
 
 
 def make_input(args, size, device):
@@ -219,7 +250,8 @@ def build_dense_pair(args, name: str, device) -> dict:
     """Ours and the peer, ``mmpretrain.TIMMBackbone(features_only=True)``, in the ``--task``
     model: both backbones load one timm file (seed 0, perturbed), every other weight is copied
     from ours. TIMMBackbone returns the raw stage outputs, so ours runs with ``out_norm=None``
-    (the output norms, a few elementwise ops, are left out of both)."""
+    (the output norms, a few elementwise ops, are left out of both). With ``--compile``, a copy
+    of ours with its backbone compiled in place."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = os.path.join(tmp, f'{name}.safetensors')
@@ -242,6 +274,9 @@ def build_dense_pair(args, name: str, device) -> dict:
     peer.backbone.register_forward_hook(
         lambda module, args, outputs: tuple(o.contiguous() for o in outputs))
     models = {'ours': ours, 'timm': peer}
+    if args.compile:
+        models['compiled'] = copy.deepcopy(ours)
+        models['compiled'].backbone.compile(**compile_settings(args))
     for model in models.values():
         model.to(device)
         if args.channels_last:
@@ -290,16 +325,15 @@ def make_dense_step(model, batch: dict, mode: str, dtype: str):
 
 
 def case_steps(args, models: dict, size, device):
-    """For one size: the largest output difference of the models (backbone: the stage
-    outputs; whole models: ``extract_feat``) and a function ``(model, mode) -> step``."""
+    """For one size: a function ``model -> outputs`` to compare (backbone: the stage outputs;
+    whole models: ``extract_feat``) and a function ``(model, mode) -> step``."""
     if args.task == 'backbone':
         x = make_input(args, size, device)
-        diff = max_abs_diff(models['ours'], models.get('timm'), lambda m: m(x))
-        return diff, lambda model, mode: make_step(model, x, mode, args.dtype)
+        return (lambda m: m(x)), lambda model, mode: make_step(model, x, mode, args.dtype)
     batch = dense_batch(args.task, size, args.batch)
     inputs = models['ours'].data_preprocessor(copy.deepcopy(batch), False)['inputs']
-    diff = max_abs_diff(models['ours'], models['timm'], lambda m: m.extract_feat(inputs))
-    return diff, lambda model, mode: make_dense_step(model, batch, mode, args.dtype)
+    return ((lambda m: m.extract_feat(inputs)),
+            lambda model, mode: make_dense_step(model, batch, mode, args.dtype))
 
 
 def sync(device):
@@ -328,15 +362,21 @@ def time_interleaved(steps: dict, device, warmup: int, repeats: int) -> dict:
     return times
 
 
-@torch.no_grad()
 def max_abs_diff(ours, reference, outputs) -> Optional[float]:
-    """Largest difference of ``outputs(model)`` (a sequence of tensors) in eval mode."""
+    """Largest difference of ``outputs(model)`` (a sequence of tensors) in eval mode and
+    inference mode (as the ``forward`` steps run, which a compiled model then reuses); the
+    models' train/eval modes are restored."""
     if reference is None:
         return None
+    modes = ours.training, reference.training
     ours.eval()
     reference.eval()
-    pairs = zip(outputs(ours), outputs(reference))
-    return max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+    with torch.inference_mode():
+        pairs = zip(outputs(ours), outputs(reference))
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+    ours.train(modes[0])
+    reference.train(modes[1])
+    return diff
 
 
 # --- peak memory ---------------------------------------------------------------------------
@@ -387,7 +427,8 @@ def memory_child(spec: dict) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device('cpu')
-    model, _ = build(args.impl, args.model, args.with_cp, args.channels_last, device)
+    model, _ = build(args.impl, args.model, args.with_cp, args.channels_last, device,
+                     compile_args=args)
     x = make_input(args, tuple(args.size), device)
     return {mode: rss_peak_mib(make_step(model, x, mode, args.dtype)) for mode in args.modes}
 
@@ -397,7 +438,8 @@ def cpu_peaks(args, impl: str, name: str, size) -> dict:
     implementation nor earlier cases leave memory (allocator caches) behind."""
     spec = dict(impl=impl, model=name, size=size, batch=args.batch, dtype=args.dtype,
                 channels_last=args.channels_last, with_cp=args.with_cp, modes=args.modes,
-                threads=args.threads)
+                threads=args.threads, compile_backend=args.compile_backend,
+                compile_dynamic=args.compile_dynamic)
     cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', json.dumps(spec)]
     proc = subprocess.run(cmd, env=dict(os.environ, **CHILD_ENV), capture_output=True, text=True)
     if proc.returncode:
@@ -424,9 +466,12 @@ def machine_info(args, device) -> dict:
                 if device.type == 'cuda' else f'fresh process per model and size: {cpu_memory}')
 
 
-def make_record(args, name, size, mode, times, peaks, diff, timm_with_cp) -> dict:
-    """The JSON record of one (model, size, mode); ratios are ours / timm of the rounded
-    figures, None where timm has no model (or memory was not measured)."""
+def make_record(args, name, size, mode, times, peaks, diffs, timm_with_cp,
+                compiled_first_s=None) -> dict:
+    """The JSON record of one (model, size, mode); ratios are ours / timm and compiled / ours
+    of the rounded figures, None where timm has no model or nothing was compiled (or memory
+    was not measured). ``diffs``: the largest output difference of timm and of the compiled
+    model to ours."""
     def ms(impl):
         return round(statistics.median(times[impl]), 3) if impl in times else None
 
@@ -443,10 +488,17 @@ def make_record(args, name, size, mode, times, peaks, diff, timm_with_cp) -> dic
                 with_cp=args.with_cp, timm_with_cp=timm_with_cp,
                 ours_ms=ms('ours'), timm_ms=ms('timm'), ratio=ratio(ms('ours'), ms('timm')),
                 ours_peak_mib=mib('ours'), timm_peak_mib=mib('timm'),
-                mem_ratio=ratio(mib('ours'), mib('timm')), max_abs_diff=diff,
+                mem_ratio=ratio(mib('ours'), mib('timm')), max_abs_diff=diffs.get('timm'),
+                compiled_ms=ms('compiled'), compiled_ratio=ratio(ms('compiled'), ms('ours')),
+                compiled_first_s=None if compiled_first_s is None else round(compiled_first_s, 3),
+                compiled_peak_mib=mib('compiled'), compiled_max_abs_diff=diffs.get('compiled'),
                 repeats=args.repeats, warmup=args.warmup,
-                ours_samples_ms=[round(t, 3) for t in times['ours']],
-                timm_samples_ms=[round(t, 3) for t in times['timm']] if 'timm' in times else None)
+                **{f'{impl}_samples_ms': [round(t, 3) for t in times[impl]] if impl in times
+                   else None for impl in IMPLS})
+
+
+#: The implementations a record can hold: ours, timm's, ours under torch.compile.
+IMPLS = ('ours', 'timm', 'compiled')
 
 
 #: Table columns: title, width, record field, format of a number (text is left-aligned).
@@ -455,12 +507,18 @@ COLUMNS = [('model', 18, 'model', ''), ('size', 9, 'size', ''), ('mode', 7, 'mod
            ('ratio', 6, 'ratio', '.3f'), ('ours MiB', 9, 'ours_peak_mib', '.1f'),
            ('timm MiB', 9, 'timm_peak_mib', '.1f'), ('mem ratio', 9, 'mem_ratio', '.3f'),
            ('max diff', 8, 'max_abs_diff', '.1e')]
+#: The columns added by --compile.
+COMPILED_COLUMNS = [('compiled ms', 11, 'compiled_ms', '.2f'),
+                    ('vs eager', 8, 'compiled_ratio', '.3f'),
+                    ('first s', 7, 'compiled_first_s', '.1f'),
+                    ('comp MiB', 9, 'compiled_peak_mib', '.1f'),
+                    ('comp diff', 9, 'compiled_max_abs_diff', '.1e')]
 
 
-def table_row(record=None) -> str:
-    """The header, or the line of ``record``."""
+def table_row(record=None, compiled: bool = False) -> str:
+    """The header, or the line of ``record``; ``compiled``: with :data:`COMPILED_COLUMNS`."""
     cells = []
-    for title, width, key, fmt in COLUMNS:
+    for title, width, key, fmt in COLUMNS + (COMPILED_COLUMNS if compiled else []):
         if record is None:
             cells.append(title.rjust(width) if fmt else title.ljust(width))
         elif not fmt:
@@ -477,8 +535,8 @@ SPREAD_LIMIT = 1.3
 
 def spread_warning(record: dict) -> Optional[str]:
     """A warning line when the samples of a record spread wider than :data:`SPREAD_LIMIT`."""
-    spreads = {impl: max(samples) / min(samples) for impl in ('ours', 'timm')
-               if (samples := record[f'{impl}_samples_ms'])}
+    spreads = {impl: max(samples) / min(samples) for impl in IMPLS
+               if (samples := record.get(f'{impl}_samples_ms'))}
     wide = ', '.join(f'{impl} {spread:.2f}' for impl, spread in spreads.items()
                      if spread > SPREAD_LIMIT)
     if not wide:
@@ -502,7 +560,7 @@ def run(args) -> dict:
                   settings=dict(vars(args), sizes=[f'{h}x{w}' for h, w in args.sizes]),
                   records=[])
     del result['settings']['memory_child']
-    print(table_row(), flush=True)
+    print(table_row(compiled=args.compile), flush=True)
     total, number = len(args.models) * len(args.sizes), 0
     for name in args.models:
         progress(f'{name}: building the models')
@@ -511,7 +569,8 @@ def run(args) -> dict:
         for size in args.sizes:
             number += 1
             case = f'[{number}/{total}] {name} {size[0]}x{size[1]}'
-            diff, step_of = case_steps(args, models, size, device)
+            outputs, step_of = case_steps(args, models, size, device)
+            diffs = {'timm': max_abs_diff(models['ours'], models.get('timm'), outputs)}
             peaks = {}
             if not args.no_memory and device.type == 'cpu':
                 progress(f'{case}: peak memory, a fresh process per model')
@@ -520,13 +579,20 @@ def run(args) -> dict:
                 progress(f'{case} {mode}: {args.warmup} + {args.repeats} runs of '
                          f'{" and ".join(models)}')
                 steps = {impl: step_of(m, mode) for impl, m in models.items()}
+                first_s = None
+                if 'compiled' in steps:  # compiles at the first size of each mode
+                    first_s = timed_ms(steps['compiled'], device) / 1e3
+                    if 'compiled' not in diffs:
+                        diffs['compiled'] = max_abs_diff(models['ours'], models['compiled'],
+                                                         outputs)
                 times = time_interleaved(steps, device, args.warmup, args.repeats)
                 if not args.no_memory and device.type == 'cuda':
                     for impl, step in steps.items():
                         peaks.setdefault(impl, {})[mode] = cuda_peak_mib(step, device)
-                record = make_record(args, name, size, mode, times, peaks, diff, timm_with_cp)
+                record = make_record(args, name, size, mode, times, peaks, diffs, timm_with_cp,
+                                     first_s)
                 result['records'].append(record)
-                print(table_row(record), flush=True)
+                print(table_row(record, args.compile), flush=True)
                 if spread_warning(record):
                     progress(spread_warning(record))
                 if args.json:  # rewritten after every record: a long run keeps what it measured

@@ -10,7 +10,8 @@ Cascade Mask R-CNN, whose mmdet 3.x forward uses every proposal, too). Counted w
 ``torch.utils.flop_counter``: convolutions, linear layers, matmuls and attention
 (``scaled_dot_product_attention``). Norms, activations, pooling, RoIAlign and NMS are not
 counted. MACs are multiply-accumulates; FLOPs = 2 x MACs. (The "Flops" that OpenMMLab's own
-get_flops tools print, and the papers' "MACs", are MACs.)
+get_flops tools print, and the papers' "MACs", are MACs; mmengine's counter, which those tools
+call, finds the MACs of the same forward within 2%: it also counts norms and upsampling.)
 """
 import argparse
 

@@ -6,7 +6,8 @@ Rows: CUDA vs CPU features of one model per family (fp32, TF32 off); fp16 and bf
 outputs finite and close to fp32; one mixed-precision training step of a Mask R-CNN and an
 UperNet with the optimizer wrapper of ``tools/train.py --amp``; the SDPA backend that
 CAFormer's attention runs on; ours vs timm latency and peak memory (``tools/benchmark.py``);
-the memory saved by activation checkpointing. Exit status 1 if a check fails.
+the memory saved by activation checkpointing; ours under ``torch.compile`` against ours eager
+at two sizes (``tools/benchmark.py --compile``). Exit status 1 if a check fails.
 
 Without a CUDA device it prints one line and exits 0. ``--device cpu`` runs the same checks
 on CPU at small sizes (a dry run of the table; parity is then CPU against CPU).
@@ -27,9 +28,13 @@ benchmark = None  # tools/benchmark.py, imported by main() once a device is ther
 FAMILY_MODELS = ('poolformer_s12', 'poolformerv2_s12', 'identityformer_s12', 'randformer_s12',
                  'convformer_s18', 'caformer_s18')
 #: Per device: input size of the model checks, (batch, size) of the whole models and of the
-#: benchmark (batch >= 2: UperNet's pooling branch has a BatchNorm over 1x1 maps), repeats.
-SETTINGS = {'cuda': dict(size=(224, 224), dense=(2, (512, 512)), repeats=10, warmup=3),
-            'cpu': dict(size=(64, 64), dense=(2, (96, 96)), repeats=2, warmup=1)}
+#: benchmark (batch >= 2: UperNet's pooling branch has a BatchNorm over 1x1 maps), repeats;
+#: the torch.compile backend and two sizes (not square: with dynamic sizes the first size's
+#: equal height and width would share one symbol, and a later size compile again).
+SETTINGS = {'cuda': dict(size=(224, 224), dense=(2, (512, 512)), repeats=10, warmup=3,
+                         compile_backend='inductor', compile_sizes=((512, 640), (640, 896))),
+            'cpu': dict(size=(64, 64), dense=(2, (96, 96)), repeats=2, warmup=1,
+                        compile_backend='eager', compile_sizes=((64, 96), (96, 128)))}
 #: Largest difference to the fp32 output, relative to its largest value: fp32 across devices
 #: (different kernels, TF32 off), and the autocast dtypes (8 and 11 bits of mantissa, rounding
 #: accumulated over the blocks).
@@ -197,6 +202,42 @@ def benchmark_rows(device, settings) -> list:
     return rows
 
 
+def compile_rows(device, settings) -> list:
+    """``tools/benchmark.py --compile``: ours compiled against ours eager, fp32, compiled for
+    each size, then once for both (``--compile-dynamic``, forward and training steps apart:
+    the first compiled step at the second size shows whether it compiled again). A run that
+    fails gives a FAIL row with its error."""
+    batch = settings['dense'][0]
+    common = ['--device', device.type, '--models', 'caformer_s18', 'convformer_s18',
+              '--sizes', *(f'{h}x{w}' for h, w in settings['compile_sizes']),
+              '--batch', str(batch), '--repeats', str(settings['repeats']),
+              '--warmup', str(settings['warmup']), '--compile',
+              '--compile-backend', settings['compile_backend']]
+    rows = []
+    for kind, modes in (('static', ['forward', 'train']), ('dynamic', ['forward']),
+                        ('dynamic', ['train'])):
+        extra = ['--modes', *modes] + (['--compile-dynamic'] if kind == 'dynamic' else [])
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                records = benchmark.run(benchmark.parse_args(common + extra))['records']
+        except Exception as err:  # a compiler's error is what the row reports
+            message = (str(err).strip().splitlines() or [''])[0]
+            rows.append(row(f'compile {kind} {" ".join(modes)}', False,
+                            f'{type(err).__name__}: {message}'[:300]))
+            continue
+        for r in records:
+            memory = ('' if r['ours_peak_mib'] is None else
+                      f'; peak eager {r["ours_peak_mib"]:.0f} MiB, compiled '
+                      f'{r["compiled_peak_mib"]:.0f} MiB')
+            rows.append(row(f'compile {kind} {r["model"]} {r["mode"]} {r["size"]}', None,
+                            f'batch {batch}, {settings["compile_backend"]}: eager '
+                            f'{r["ours_ms"]:.1f} ms, compiled {r["compiled_ms"]:.1f} ms, ratio '
+                            f'{r["compiled_ratio"]:.2f}; first compiled step '
+                            f'{r["compiled_first_s"]:.1f} s; max diff '
+                            f'{r["compiled_max_abs_diff"]:.1e}{memory}'))
+    return rows
+
+
 def print_table(rows):
     width = max(len(r['check']) for r in rows)
     print(f'{"check".ljust(width)}  status  detail')
@@ -221,7 +262,8 @@ def main(argv=None) -> int:
             ('models', lambda: model_checks(device, settings['size'])),
             ('amp training', lambda: amp_train_checks(device, *settings['dense'])),
             ('sdpa', lambda: sdpa_check(device, settings['size'])),
-            ('benchmark', lambda: benchmark_rows(device, settings))]:
+            ('benchmark', lambda: benchmark_rows(device, settings)),
+            ('compile', lambda: compile_rows(device, settings))]:
         benchmark.progress(f'gpu_check: {title}')
         rows += check()
     print_table(rows)

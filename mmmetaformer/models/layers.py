@@ -3,6 +3,11 @@
 Inside the stages tensors are channels-last (B, H, W, C), as in the official code: Linear
 layers act on the last dim (on CPU as 1x1 convs, see :class:`PointwiseLinear`) and 2-D ops run
 on a permuted view, which PyTorch treats as a channels_last NCHW tensor without copying.
+
+Custom autograd functions save memory or time in training. Under ``torch.jit`` tracing
+(mmengine's FLOP counter, which the ``get_flops`` tools of mmdet and mmseg call, and the
+TorchScript ONNX exporter) the same computation runs in plain ops that such tools know: a
+traced custom function is an opaque ``prim::PythonOp``.
 """
 from typing import Optional
 
@@ -95,7 +100,8 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x):
         if (x.device.type != 'cpu' or x.dtype != torch.float32 or not torch.is_grad_enabled()
-                or not self.weight.requires_grad or torch.is_autocast_enabled('cpu')):
+                or not self.weight.requires_grad or torch.is_autocast_enabled('cpu')
+                or torch.jit.is_tracing()):
             return super().forward(x)
         return _DepthwiseConvFunction.apply(x, self.weight, self.padding[0])
 
@@ -193,6 +199,16 @@ class _StarReLUFunction(torch.autograd.Function):
         return grad_x, grad_scale, grad_bias, None
 
 
+def star_relu(x, scale, bias, unscale: Optional[torch.Tensor] = None):
+    """:class:`_StarReLUFunction`, or under jit tracing the same computation in plain ops."""
+    if not torch.jit.is_tracing():
+        return _StarReLUFunction.apply(x, scale, bias, unscale)
+    relu = F.relu(x.float() if x.dtype == torch.float16 else x)
+    if unscale is not None:
+        scale, bias = scale / unscale, bias / unscale
+    return (relu.square() * scale.to(relu.dtype) + bias.to(relu.dtype)).to(x.dtype)
+
+
 class StarReLU(nn.Module):
     """StarReLU: ``s * relu(x) ** 2 + b`` with learnable scalars s (init 1) and b (init 0).
 
@@ -210,7 +226,7 @@ class StarReLU(nn.Module):
     def forward(self, x):
         if self.inplace and not torch.is_grad_enabled() and x.dtype != torch.float16:
             return _scaled_square_(x.relu_(), self.scale, self.bias)
-        return _StarReLUFunction.apply(x, self.scale, self.bias)
+        return star_relu(x, self.scale, self.bias)
 
     def forward_scaled(self, x):
         """``(self(x) / unscale, unscale)`` for a float16 ``x``, with ``unscale`` the smallest
@@ -224,7 +240,7 @@ class StarReLU(nn.Module):
             peak = x.amax().float().clamp_(min=0)
             top = peak.square() * self.scale.abs() + self.bias.abs()
             unscale = torch.exp2(torch.ceil(torch.log2(top / FP16_HIDDEN_LIMIT))).clamp_(min=1)
-        return _StarReLUFunction.apply(x, self.scale, self.bias, unscale), unscale
+        return star_relu(x, self.scale, self.bias, unscale), unscale
 
 
 class _SquaredReLUFunction(torch.autograd.Function):
@@ -246,6 +262,8 @@ def squared_relu(x, inplace: bool = False):
     """``relu(x) ** 2``; with ``inplace``, written into ``x`` when no gradients are recorded."""
     if not torch.is_grad_enabled():
         return x.relu_().square_() if inplace else F.relu(x).square_()
+    if torch.jit.is_tracing():
+        return F.relu(x).square()
     return _SquaredReLUFunction.apply(x)
 
 

@@ -58,7 +58,8 @@ class SepConv(nn.Module):
 
 
 class Attention(nn.Module):
-    """Global multi-head self-attention (no position embedding) via SDPA."""
+    """Global multi-head self-attention (no position embedding) via SDPA; under jit tracing
+    (FLOP counters, see :mod:`.layers`) as ``softmax(q k^T / sqrt(d)) v`` in matmuls."""
 
     def __init__(self, dim: int, head_dim: int = 32):
         super().__init__()
@@ -72,7 +73,10 @@ class Attention(nn.Module):
         B, H, W, _ = x.shape
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if torch.jit.is_tracing():
+            x = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
 
 
@@ -98,7 +102,8 @@ class RandomMixing(nn.Module):
     The matrix is defined on the native token grid of a 224x224 input; other grids use it
     resampled by :func:`resample_mixing_matrix`. The resampled matrices of all modules share
     one least-recently-used cache of at most ``cache_bytes`` (a larger matrix is resampled at
-    every call).
+    every call). Under ``torch.compile`` the graph resamples at every call: the cache is Python
+    state that a graph cannot keep, and resampling costs a small part of the mixing's matmul.
     """
 
     cache_bytes = 512 * 2**20
@@ -115,6 +120,9 @@ class RandomMixing(nn.Module):
         matrix = self.random_matrix
         if (H, W) == (self.native_size, self.native_size):
             return matrix
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return resample_mixing_matrix(matrix, (H, W))
         # Tensors made under inference_mode cannot enter autograd: cache them apart.
         key = (self._cache_token, H, W, matrix.device, matrix.dtype, matrix._version,
                torch.is_inference_mode_enabled())
