@@ -46,6 +46,7 @@ class _RunsCode:
 STALLING_RUN = '''
 import os, sys, time
 sys.path.insert(0, {tests!r})
+import mmmetaformer.engine.hooks as hooks
 import mmmetaformer.fileio as fileio
 from tiny_run import tiny_runner
 real_write = fileio.write_bytes
@@ -61,7 +62,7 @@ def write_bytes(path, data):
     return real_write(path, data)
 
 
-fileio.write_bytes = write_bytes
+hooks.write_bytes = write_bytes  # what the file backend of the checkpoint hook calls
 tiny_runner({work_dir!r}, 4, default_hooks=dict(checkpoint=dict(
     type='mmmetaformer.SafeCheckpointHook', interval=1, by_epoch=False,
     max_keep_ckpts=1))).train()
