@@ -4,14 +4,13 @@ formula, the optimizer wrapper of ``tools/train.py --amp``, and one epoch of ``-
 of the demo Mask R-CNN on CPU (bfloat16)."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 
+import interpreter
 from mmmetaformer.checkpoints import convert_to_canonical
 from mmmetaformer.engine import AutocastOptimWrapper, amp_optim_wrapper
 from mmmetaformer.models import MetaFormer
@@ -265,10 +264,10 @@ def test_train_amp_demo_maskrcnn(tmp_path):
         'default_hooks.logger.interval=1',
         # after 4 iterations from scratch every score is low: keep them all for the evaluation
         'model.test_cfg.rcnn.score_thr=0.0']
-    proc = subprocess.run(
-        [sys.executable, 'tools/train.py', 'configs/demo/caformer_s18_maskrcnn_demo.py', '--amp',
-         '--work-dir', str(work), '--cfg-options', *options], cwd=ROOT, capture_output=True,
-        text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = interpreter.run(
+        ['tools/train.py', 'configs/demo/caformer_s18_maskrcnn_demo.py', '--amp',
+         '--work-dir', str(work), '--cfg-options', *options], cwd=ROOT, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert '--amp: bfloat16 autocast on cpu of the model' in output

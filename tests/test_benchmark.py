@@ -3,12 +3,12 @@
 --compile; and tools/gpu_check.py skips with one line without a GPU."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ['caformer_s18', 'identityformer_s12']  # with a timm model, and ours only
@@ -31,11 +31,10 @@ HEADER = ['model', 'size', 'mode', 'ours', 'ms', 'timm', 'ms', 'ratio', 'ours', 
 
 
 def run_benchmark(out, *args):
-    proc = subprocess.run(
-        [sys.executable, 'tools/benchmark.py', *args, '--batch', '1', '--repeats', str(REPEATS),
+    proc = interpreter.run(
+        ['tools/benchmark.py', *args, '--batch', '1', '--repeats', str(REPEATS),
          '--device', 'cpu', '--threads', '1', '--json', str(out)],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-        timeout=600)
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -171,8 +170,8 @@ def test_gpu_check_skips_without_gpu():
     """No CUDA device: one line, exit status 0."""
     if torch.cuda.is_available():
         pytest.skip('a CUDA device is present')
-    proc = subprocess.run([sys.executable, 'tools/gpu_check.py'], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = interpreter.run(['tools/gpu_check.py'], cwd=ROOT, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0
     assert (proc.stdout + proc.stderr).strip().splitlines() == [proc.stdout.strip()]
     assert proc.stdout.startswith('gpu_check: skipped, no CUDA device')

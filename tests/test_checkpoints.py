@@ -8,8 +8,6 @@ official layouts are written with the inverse of timm's documented renaming.
 import os
 import re
 import shlex
-import subprocess
-import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from timm.models.metaformer import GroupNorm1NoBias
 from timm.models.metaformer import MetaFormer as TimmMetaFormer
 from torch.utils.data import Dataset
 
+import interpreter
 import mmmetaformer.checkpoints as ckpt
 from mmmetaformer.checkpoints import load_backbone_checkpoint
 from mmmetaformer.sources import read_checkpoint
@@ -319,9 +318,8 @@ def test_convert_cli(tmp_path):
     path = tmp_path / 'poolformer_s12.pth.tar'
     torch.save(to_official(source('poolformer_s12')[1], v1=True), path)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, 'tools/convert_checkpoint.py', str(path),
-                          str(tmp_path / 'out.pth')], cwd=ROOT, env=env, capture_output=True,
-                         text=True)
+    run = interpreter.run(['tools/convert_checkpoint.py', str(path), str(tmp_path / 'out.pth')],
+                          cwd=ROOT, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1].startswith(f"wrote {tmp_path / 'out.pth'}: poolformer_s12, ")
     assert 'linear head with 1000 classes' in run.stdout

@@ -2,8 +2,6 @@
 give the official logits through tools/convert_checkpoint.py, and tools/train.py + tools/test.py
 run on demo ImageNet-format data."""
 import re
-import subprocess
-import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from mmpretrain.registry import MODELS
 from timm.models.metaformer import GroupNorm1NoBias
 from timm.models.metaformer import MetaFormer as TimmMetaFormer
 
+import interpreter
 import mmmetaformer  # noqa: F401
 from demo_data import write_imagenet_demo
 from mmmetaformer.models import ARCHS
@@ -192,8 +191,7 @@ def test_train_then_test_on_demo_imagenet(tmp_path):
                     f'{loader}.num_workers=0', f'{loader}.persistent_workers=False']
 
     def run(*args):
-        result = subprocess.run([sys.executable, *args, '--cfg-options', *options], cwd=ROOT,
-                                capture_output=True, text=True, timeout=600)
+        result = interpreter.run([*args, '--cfg-options', *options], cwd=ROOT, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result.stdout + result.stderr
 

@@ -10,8 +10,6 @@ these models' parameters, so the source model's neck and head names are the old 
 """
 import copy
 import os
-import subprocess
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner import load_checkpoint
 from mmengine.structures import InstanceData
 
+import interpreter
 import mmmetaformer  # noqa: F401
 from mmmetaformer.checkpoints import load_model_checkpoint
 from mmmetaformer.trust import CheckpointError
@@ -307,9 +306,9 @@ def test_tools_test_with_original_and_converted_files(tmp_path):
     detections = []
     for checkpoint in (original, converted):
         out = tmp_path / f'{checkpoint.stem}.pkl'
-        proc = subprocess.run([sys.executable, 'tools/test.py', str(config), str(checkpoint),
-                               '--work-dir', str(tmp_path / 'work'), '--out', str(out)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        proc = interpreter.run(['tools/test.py', str(config), str(checkpoint),
+                                '--work-dir', str(tmp_path / 'work'), '--out', str(out)],
+                               cwd=ROOT, env=env, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert 'coco/bbox_mAP:' in proc.stdout
         log = [line for line in (proc.stdout + proc.stderr).splitlines()

@@ -18,6 +18,7 @@ ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('mmdet')
 
 import export_onnx as export_tool  # noqa: E402
+import interpreter
 from demo_data import write_coco_demo  # noqa: E402
 from mmmetaformer.deploy import build_exportable, export_onnx  # noqa: E402
 from mmmetaformer.deploy.detector import (compare_detections, mmdet_predict,  # noqa: E402
@@ -48,9 +49,8 @@ def demo(data, tmp_path_factory):
         f'{split}_evaluator.ann_file={data}/annotations/instances_val2017.json'
         for split in ('val', 'test')] + [
         'train_cfg.max_epochs=1', 'default_hooks.checkpoint.interval=1']
-    proc = subprocess.run([sys.executable, 'tools/train.py', DEMO, '--work-dir', str(work),
-                           '--cfg-options', *options], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=1800)
+    proc = interpreter.run(['tools/train.py', DEMO, '--work-dir', str(work),
+                            '--cfg-options', *options], cwd=ROOT, env=ENV, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return data, str(work / 'epoch_1.pth')
 

@@ -5,9 +5,7 @@ import http.server
 import os
 import pickle
 import re
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -18,6 +16,7 @@ import pytest
 import torch
 from mmengine.runner import CheckpointLoader
 
+import interpreter
 from mmmetaformer.checkpoints import load_backbone_checkpoint
 from mmmetaformer.models import PoolFormerV2, RandFormer
 from mmmetaformer.models.mixers import RandomMixing, resample_mixing_matrix
@@ -75,16 +74,15 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     work, marker = tmp_path / 'work', tmp_path / 'saving'
     script = STALLING_RUN.format(tests=str(Path(__file__).parent), marker=str(marker),
                                  work_dir=str(work))
-    child = subprocess.Popen([sys.executable, '-c', script], env=dict(
-        os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = interpreter.start(['-c', script], env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         deadline = time.time() + 120
         while not marker.exists():
-            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert child.poll() is None, child.stderr[-2000:]
             assert time.time() < deadline, 'the run never reached its second save'
             time.sleep(0.1)
     finally:
-        child.send_signal(signal.SIGKILL)
+        child.kill()  # SIGKILL
         child.wait()
     assert (work / 'iter_1.pth').is_file() and not (work / 'iter_2.pth').exists()
     runner = _runner(work, 4, resume=True, default_hooks=dict(checkpoint=dict(
@@ -389,8 +387,8 @@ except OSError as err:
 def test_failed_save_names_the_file(tmp_path):
     path = tmp_path / 'iter_2.pth'
     torch.save(dict(w=torch.ones(2)), path)
-    run = subprocess.run([sys.executable, '-c', FULL_DISK, str(path)], capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    run = interpreter.run(['-c', FULL_DISK, str(path)], timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.splitlines()[-1].startswith(f'cannot write {path}: '), run.stdout
     assert torch.load(path, weights_only=True)['w'].equal(torch.ones(2))  # the old one stays

@@ -1,6 +1,5 @@
 """Layer-wise lr decay from mmdet, mmseg and mmpretrain configs."""
 import pytest
-import torch
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import DefaultScope
 

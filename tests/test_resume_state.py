@@ -7,8 +7,6 @@ import copy
 import math
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from mmengine.optim import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
+import interpreter
 from mmmetaformer import trust
 from mmmetaformer.trust import CheckpointError, check_resume_state
 
@@ -144,8 +143,7 @@ def test_forged_optimizer_state_crashes_torch_and_is_refused(tmp_path):
                     message_hub=dict(log_scalars={}, runtime_info={}, resumed_keys={}),
                     optimizer=dict(state={0: one}, param_groups=[group])), path)
 
-    run = subprocess.run([sys.executable, '-c', BEFORE, str(path)], capture_output=True,
-                         text=True, timeout=120)
+    run = interpreter.run(['-c', BEFORE, str(path)], timeout=120)
     assert run.stdout.startswith('fused: True')  # the file's kernel, not the config's
     # the write past the one value kills the process, during the step or at exit
     assert run.returncode == -signal.SIGSEGV or 'Error' in run.stderr, (run.returncode,

@@ -1,8 +1,7 @@
-"""tools/ end to end on tiny demo datasets, as subprocesses: train then test (detection and
-segmentation, real evaluators), 2-process dist_train.sh on CPU (gloo), --resume after a run
-is stopped, and one clear message for a missing dataset."""
+"""tools/ end to end on tiny demo datasets (each run a child interpreter, tests/interpreter.py):
+train then test (detection and segmentation, real evaluators), 2-process dist_train.sh on CPU
+(gloo), --resume after a run is stopped, and one clear message for a missing dataset."""
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import interpreter
 from demo_data import write_ade20k_demo, write_coco_demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,10 +43,9 @@ def seg_options(data, iters):
            'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1']
 
 
-def tool(*args, **kwargs):
+def tool(*args):
     """Run ``python tools/<args>`` from the repository root; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=900, **kwargs)
+    proc = interpreter.run(args, cwd=ROOT, env=ENV, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -81,8 +80,7 @@ def test_train_resume_test_segmentation(data, tmp_path):
     --resume; the final checkpoint is then evaluated with mIoU."""
     work = tmp_path / 'work'
     options = ['--work-dir', str(work), '--cfg-options', *seg_options(data, iters=6)]
-    first = subprocess.Popen([sys.executable, 'tools/train.py', SEG, *options], cwd=ROOT,
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = interpreter.start(['tools/train.py', SEG, *options], cwd=ROOT, env=ENV)
     try:
         deadline = time.time() + 600
         while not (work / 'last_checkpoint').exists() and first.poll() is None:
@@ -90,7 +88,7 @@ def test_train_resume_test_segmentation(data, tmp_path):
             time.sleep(0.2)
     finally:
         if first.poll() is None:
-            os.kill(first.pid, signal.SIGKILL)
+            first.kill()  # SIGKILL
         first.wait()
     saved = int(Path((work / 'last_checkpoint').read_text().strip()).stem.split('_')[1])
     assert saved < 6, 'the first run finished before it could be stopped'
@@ -173,11 +171,11 @@ def test_dist_train_of_a_naive_retinanet_swap(data, tmp_path):
 
 def test_missing_dataset_message(tmp_path):
     missing = tmp_path / 'no_coco'
-    proc = subprocess.run(
-        [sys.executable, 'tools/train.py', 'configs/caformer_s18_maskrcnn.py', '--work-dir',
+    proc = interpreter.run(
+        ['tools/train.py', 'configs/caformer_s18_maskrcnn.py', '--work-dir',
          str(tmp_path / 'work'), '--cfg-options',
          *[f'{s}_dataloader.dataset.data_root={missing}/' for s in ('train', 'val', 'test')]],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=ENV, timeout=300)
     assert proc.returncode == 1
     assert 'not found' in proc.stderr and str(missing) in proc.stderr
     assert 'Traceback' not in proc.stderr
@@ -210,8 +208,7 @@ def test_mmdet_own_tools_train_and_test_the_demo_config(data, tmp_path):
 
     marker, evil = tmp_path / 'pwned', tmp_path / 'evil.pth'
     torch.save(dict(torch.load(checkpoint, weights_only=False), extra=_RunsCode(marker)), evil)
-    proc = subprocess.run([sys.executable, str(tools / 'test.py'), DET, str(evil), '--work-dir',
-                           str(work), '--cfg-options', *det_options(data)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=900)
+    proc = interpreter.run([str(tools / 'test.py'), DET, str(evil), '--work-dir', str(work),
+                            '--cfg-options', *det_options(data)], cwd=ROOT, env=ENV, timeout=900)
     assert proc.returncode != 0 and not marker.exists()
     assert f'refused to load {evil}' in proc.stderr

@@ -25,6 +25,7 @@ from mmengine.model import BaseModel
 from mmengine.runner import CheckpointLoader, Runner
 from torch.utils.data import Dataset
 
+import interpreter
 from mmmetaformer import trust
 from mmmetaformer.sources import read_checkpoint
 from mmmetaformer.trust import CheckpointError
@@ -344,8 +345,8 @@ def bounded(call, *args, timeout=120, cap=2**31, imports=THE_PACKAGE):
     ``sys.argv``) after ``imports`` in a subprocess whose address space is capped at ``cap``
     bytes over them (by default 2 GiB, a safety net)."""
     code = BOUNDED.format(imports=imports, call=call, cap=cap)
-    run = subprocess.run([sys.executable, '-c', code, *map(str, args)], capture_output=True,
-                         text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    run = interpreter.run(['-c', code, *map(str, args)], timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert run.returncode == 0, run.stderr[-2000:]
     answer, figures = run.stdout.splitlines()[-2:]
     seconds, memory = map(float, figures.split())
