@@ -16,7 +16,7 @@ env:
 # two pytest processes of one thread each: on 2 cores the suite takes about half the wall time
 # of one process, and no process oversubscribes the cores (docs/README.md)
 test: env
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 demo: env
 	$(PY) tools/demo.py

@@ -7,6 +7,17 @@ import torch
 # `mmmetaformer`, and finds this package already imported instead.
 import mmmetaformer  # noqa: F401
 
+# The files that take longest, first: `make test` hands whole files to its two processes in
+# collection order (pytest-xdist --dist loadfile --no-loadscope-reorder), so a long file
+# collected last would run alone at the end.
+LONGEST_FIRST = ['test_deploy_detector.py', 'test_tools_e2e.py', 'test_mim.py',
+                 'test_launchers.py', 'test_benchmark.py', 'test_tools_cli.py']
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(scope='module')
 def one_thread():

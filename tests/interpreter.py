@@ -11,6 +11,7 @@ launchers and torchrun, mim, and tools run without torch (test_onnx_infer).
 import atexit
 import multiprocessing
 import os
+import resource
 import runpy
 import subprocess
 import sys
@@ -32,8 +33,10 @@ def _exit_status(code) -> int:
     return 1
 
 
-def _run(args, cwd, env, stdout, stderr):
+def _run(args, cwd, env, rlimits, stdout, stderr):
     """The child: ``python ARGS`` in this preloaded interpreter."""
+    for name, limits in rlimits.items():
+        resource.setrlimit(getattr(resource, name), limits)
     for fd, path in ((1, stdout), (2, stderr)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
     multiprocessing.set_start_method(None, force=True)  # unset, as in a fresh interpreter
@@ -66,14 +69,15 @@ class Started:
     """A running ``python ARGS``: ``pid``, ``poll()``, ``kill()``, ``wait()`` like Popen's,
     and ``stdout`` / ``stderr`` (text) once it has ended."""
 
-    def __init__(self, args, cwd, env):
+    def __init__(self, args, cwd, env, rlimits):
         self._files = tempfile.TemporaryDirectory(prefix='interpreter-')
         self._out, self._err = (Path(self._files.name) / name for name in ('out', 'err'))
         self._out.touch()
         self._err.touch()
         self.args = [sys.executable, *args]
         self._process = _CONTEXT.Process(
-            target=_run, args=(list(args), str(cwd), dict(env), str(self._out), str(self._err)))
+            target=_run, args=(list(args), str(cwd), dict(env), dict(rlimits), str(self._out),
+                               str(self._err)))
         self._process.start()
         self.pid = self._process.pid
         self.stdout = self.stderr = None
@@ -100,13 +104,14 @@ class Started:
         return self._process.exitcode
 
 
-def start(args, cwd='.', env=None) -> Started:
-    """Start ``python ARGS`` in ``cwd`` with ``env`` (default: this process's environment)."""
-    return Started(args, cwd, os.environ if env is None else env)
+def start(args, cwd='.', env=None, rlimits=()) -> Started:
+    """Start ``python ARGS`` in ``cwd`` with ``env`` (default: this process's environment) and
+    the resource limits ``{'RLIMIT_...': (soft, hard)}``."""
+    return Started(args, cwd, os.environ if env is None else env, dict(rlimits))
 
 
-def run(args, cwd='.', env=None, timeout=None) -> subprocess.CompletedProcess:
+def run(args, cwd='.', env=None, timeout=None, rlimits=()) -> subprocess.CompletedProcess:
     """``subprocess.run([sys.executable, *args], capture_output=True, text=True, ...)``."""
-    started = start(args, cwd, env)
+    started = start(args, cwd, env, rlimits)
     returncode = started.wait(timeout)
     return subprocess.CompletedProcess(started.args, returncode, started.stdout, started.stderr)

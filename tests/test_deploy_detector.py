@@ -147,7 +147,7 @@ def test_trained_maskrcnn_dynamic_map(demo, tmp_path):
     'configs/coco/cascade-mask-rcnn_caformer-s18_fpn_4conv1fc-giou_ms-crop-3x_coco.py'])
 def test_random_weights_parity(config, data, tmp_path, one_thread):
     """RetinaNet and Cascade Mask R-CNN (random weights, classifiers biased towards one class
-    so that scores pass 0.3) exported with dynamic size and checked on demo images at two
+    so that scores pass 0.3) exported with dynamic size and checked on a demo image at two
     sizes against mmdet's predict(). Such scores lie close together, and near-ties at
     ``max_per_img`` fall on either side with the runtimes' rounding: the weights are seeded
     and PyTorch runs on one thread, so that the case is the same on every run."""
@@ -163,7 +163,7 @@ def test_random_weights_parity(config, data, tmp_path, one_thread):
     path = tmp_path / 'det.onnx'
     export_onnx(exportable, str(path), (160, 192), dynamic=True)
     rows = []
-    for image in val_images(data)[:2]:
+    for image in val_images(data)[:1]:
         for size in ((160, 192), (224, 320)):
             x = torch.nn.functional.interpolate(
                 next(preprocess_images(detector, info['cfg'], [image]))[1], size=size,

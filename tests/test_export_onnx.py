@@ -6,9 +6,6 @@ in the metadata, the errors, and writes that fail (whole detectors: test_deploy_
 import copy
 import json
 import os
-import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from mmmetaformer.archs import FAMILIES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 import export_onnx as export_tool  # noqa: E402
+import interpreter  # noqa: E402
 from common import run_tool  # noqa: E402
 
 SIZES = ((64, 64), (96, 128))
@@ -178,14 +176,10 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     export_tool.main(['identityformer_s12', '--out', str(out), '--shape', '64', '64'])
     good = out.read_bytes()
     limit = len(good) // 4
-
-    def small_files():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / 'tools/export_onnx.py'), 'poolformer_s12', '--out', str(out),
-         '--shape', '64', '64'], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    proc = interpreter.run(
+        [str(ROOT / 'tools/export_onnx.py'), 'poolformer_s12', '--out', str(out), '--shape', '64',
+         '64'], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300,
+        rlimits=dict(RLIMIT_FSIZE=(limit, limit)))
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith('error: ') and str(out) in proc.stderr
     assert out.read_bytes() == good

@@ -11,7 +11,7 @@ Both models hold the same weights (a timm model's state dict, loaded into ours t
 ``init_cfg``) and return the raw stage outputs; their largest output difference is recorded
 for every case. Repetitions of ours and timm alternate (ABBA order) and the medians are
 reported. Peak memory is the memory a step needs on top of the model and its input: on CUDA
-from ``max_memory_allocated``, on CPU from the peak RSS of a fresh process (see
+from ``max_memory_allocated``, on CPU from the peak RSS of a new process per model (see
 README, "Benchmark"). IdentityFormer and RandFormer have no timm model: ours only.
 
 ``--task maskrcnn`` / ``upernet``: the model of the project's COCO / ADE20K config for the arch,
@@ -25,16 +25,18 @@ model its backbone is compiled in place (``model.backbone.compile(...)``), as th
 """
 import argparse
 import copy
+import functools
 import importlib
 import json
+import multiprocessing
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from typing import Optional
 
@@ -99,7 +101,6 @@ def parse_args(argv=None):
     parser.add_argument('--compile-dynamic', action='store_true',
                         help='one compile for all sizes (dynamic=True); default: one per size')
     parser.add_argument('--json', metavar='OUT', help='write the results to this JSON file')
-    parser.add_argument('--memory-child', help=argparse.SUPPRESS)  # internal, see cpu_peaks
     add_debug_arg(parser)
     args = parser.parse_args(argv)
     if min(args.batch, args.repeats, args.threads) < 1 or args.warmup < 0:
@@ -422,7 +423,7 @@ def rss_peak_mib(step) -> float:
 
 
 def memory_child(spec: dict) -> dict:
-    """Peak RSS per mode of one implementation and case, measured in this (fresh) process."""
+    """Peak RSS per mode of one implementation and case, measured in this new process."""
     args = argparse.Namespace(**spec)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -433,18 +434,29 @@ def memory_child(spec: dict) -> dict:
     return {mode: rss_peak_mib(make_step(model, x, mode, args.dtype)) for mode in args.modes}
 
 
+@functools.lru_cache(maxsize=None)
+def fresh_processes():
+    """Processes forked from a server that has only imported this tool (a new interpreter each
+    time would import torch, timm and the stack again), under glibc's ``CHILD_ENV``."""
+    os.environ.update(CHILD_ENV)  # read by glibc when the server starts; its forks inherit it
+    context = multiprocessing.get_context('forkserver')
+    context.set_forkserver_preload(['torch', 'timm', 'mmmetaformer', '__main__'])
+    return context
+
+
 def cpu_peaks(args, impl: str, name: str, size) -> dict:
-    """:func:`memory_child` in a fresh Python process, so that neither the other
-    implementation nor earlier cases leave memory (allocator caches) behind."""
+    """:func:`memory_child` in a new process (:func:`fresh_processes`), so that neither the
+    other implementation nor earlier cases leave memory (allocator caches) behind."""
     spec = dict(impl=impl, model=name, size=size, batch=args.batch, dtype=args.dtype,
                 channels_last=args.channels_last, with_cp=args.with_cp, modes=args.modes,
                 threads=args.threads, compile_backend=args.compile_backend,
                 compile_dynamic=args.compile_dynamic)
-    cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', json.dumps(spec)]
-    proc = subprocess.run(cmd, env=dict(os.environ, **CHILD_ENV), capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f'memory measurement of {impl} {name} {size} failed:\n{proc.stderr}')
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    with ProcessPoolExecutor(1, mp_context=fresh_processes(), max_tasks_per_child=1) as pool:
+        try:
+            return pool.submit(memory_child, spec).result()
+        except Exception as err:
+            raise RuntimeError(f'memory measurement of {impl} {name} {size} failed: '
+                               f'{type(err).__name__}: {err}') from err
 
 
 # --- report --------------------------------------------------------------------------------
@@ -463,7 +475,7 @@ def machine_info(args, device) -> dict:
                 cuda_device=torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
                 memory_method=None if args.no_memory else
                 'torch.cuda.max_memory_allocated above memory_allocated before the step'
-                if device.type == 'cuda' else f'fresh process per model and size: {cpu_memory}')
+                if device.type == 'cuda' else f'new process per model and size: {cpu_memory}')
 
 
 def make_record(args, name, size, mode, times, peaks, diffs, timm_with_cp,
@@ -559,7 +571,6 @@ def run(args) -> dict:
     result = dict(machine=machine_info(args, device),
                   settings=dict(vars(args), sizes=[f'{h}x{w}' for h, w in args.sizes]),
                   records=[])
-    del result['settings']['memory_child']
     print(table_row(compiled=args.compile), flush=True)
     total, number = len(args.models) * len(args.sizes), 0
     for name in args.models:
@@ -573,7 +584,7 @@ def run(args) -> dict:
             diffs = {'timm': max_abs_diff(models['ours'], models.get('timm'), outputs)}
             peaks = {}
             if not args.no_memory and device.type == 'cpu':
-                progress(f'{case}: peak memory, a fresh process per model')
+                progress(f'{case}: peak memory, a new process per model')
                 peaks = {impl: cpu_peaks(args, impl, name, size) for impl in models}
             for mode in args.modes:
                 progress(f'{case} {mode}: {args.warmup} + {args.repeats} runs of '
@@ -602,11 +613,7 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.memory_child:
-        print(json.dumps(memory_child(json.loads(args.memory_child))))
-        return
-    run(args)
+    run(parse_args(argv))
 
 
 if __name__ == '__main__':
