@@ -66,8 +66,9 @@ def _run(args, cwd, env, rlimits, stdout, stderr):
 
 
 class Started:
-    """A running ``python ARGS``: ``pid``, ``poll()``, ``kill()``, ``wait()`` like Popen's,
-    and ``stdout`` / ``stderr`` (text) once it has ended."""
+    """A running ``python ARGS``: ``pid``, ``poll()``, ``kill()``, ``wait()``,
+    ``communicate()`` and ``returncode`` like Popen's; ``stdout`` / ``stderr`` (text) once it
+    has ended."""
 
     def __init__(self, args, cwd, env, rlimits):
         self._files = tempfile.TemporaryDirectory(prefix='interpreter-')
@@ -80,7 +81,7 @@ class Started:
                                str(self._err)))
         self._process.start()
         self.pid = self._process.pid
-        self.stdout = self.stderr = None
+        self.stdout = self.stderr = self.returncode = None
 
     def poll(self):
         return None if self._process.is_alive() else self._finish()
@@ -96,12 +97,17 @@ class Started:
             raise subprocess.TimeoutExpired(self.args, timeout)
         return self._finish()
 
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        return self.stdout, self.stderr
+
     def _finish(self):
         self._process.join()
         if self.stdout is None:
             self.stdout, self.stderr = self._out.read_text(), self._err.read_text()
             self._files.cleanup()
-        return self._process.exitcode
+            self.returncode = self._process.exitcode
+        return self.returncode
 
 
 def start(args, cwd='.', env=None, rlimits=()) -> Started:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 import common
+import interpreter
 import launch
 from common import run_tool
 from demo_data import write_coco_demo
@@ -113,17 +115,23 @@ def test_dist_test_worker_failure_is_one_line(data, tmp_path):
 
 
 def _interrupt_after_checkpoint(command, work, saved):
-    """Start ``command`` in its own process group, send the group SIGINT (as Ctrl-C in a
-    terminal does) once ``work/saved`` is written; (returncode, stdout, stderr)."""
-    proc = subprocess.Popen(command, cwd=ROOT, env=dict(ENV, PORT=free_port()),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    """Start ``command`` (``bash ARGS`` in its own process group, else ``python ARGS`` in a
+    child interpreter) and send it SIGINT, as Ctrl-C in a terminal does to the process group,
+    once ``work/saved`` is written; (returncode, stdout, stderr)."""
+    env = dict(ENV, PORT=free_port())
+    if command[0] == 'bash':
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        interrupt = partial(os.killpg, proc.pid, signal.SIGINT)
+    else:
+        proc = interpreter.start(command, cwd=ROOT, env=env)
+        interrupt = partial(os.kill, proc.pid, signal.SIGINT)
     try:
         deadline = time.monotonic() + 300
         while not (work / saved).exists() and proc.poll() is None:
             assert time.monotonic() < deadline, f'no {saved} after 5 minutes'
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)
+        interrupt()
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -140,7 +148,7 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(data, tmp_path):
     it."""
     work = tmp_path / 'work'
     options = ['--work-dir', str(work), '--cfg-options', *det_options(data, epochs=3)]
-    runs = [([sys.executable, 'tools/train.py', DET, *options], 'epoch_1.pth'),
+    runs = [(['tools/train.py', DET, *options], 'epoch_1.pth'),
             (['bash', 'tools/dist_train.sh', DET, '1', '--resume', *options], 'epoch_2.pth')]
     for command, saved in runs:
         code, out, err = _interrupt_after_checkpoint(command, work, saved)

@@ -1,17 +1,18 @@
 """``import mmmetaformer`` only registers: no function, method or module attribute of the host
 packages is replaced or added, and what it registers reaches every way mmengine loads."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+import interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 
 HOSTS = ('mmengine', 'mmcv', 'mmdet', 'mmseg', 'mmpretrain', 'timm', 'torch', 'numpy')
 
-# Run in a fresh interpreter: import the host packages, record the attributes of their loaded
+# Run in an interpreter that has not imported mmmetaformer (tests/interpreter.py): import the
+# host packages, record the attributes of their loaded
 # modules and of the classes those define, import mmmetaformer, compare. A module the import
 # loads for the first time has no record; binding it as an attribute of its package is the
 # import system's doing, not a change.
@@ -50,8 +51,7 @@ REGISTRATIONS = {'mmengine.runner.checkpoint.CheckpointLoader._schemes'}
 
 
 def test_import_replaces_or_adds_no_host_attribute():
-    run = subprocess.run([sys.executable, '-c', SNAPSHOT], capture_output=True, text=True,
-                         timeout=600)
+    run = interpreter.run(['-c', SNAPSHOT], timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.splitlines()[-1])
     assert result['modules'] > 500  # the host packages were loaded before the import
@@ -95,8 +95,7 @@ def test_train_test_and_infer_do_not_import_the_export_code():
     code = ('import sys; sys.argv = ["x"]; sys.path.insert(0, "tools"); import train, test, '
             'infer; print(sorted(m for m in sys.modules if m.startswith(("mmmetaformer.deploy", '
             '"onnx"))))')
-    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+    run = interpreter.run(['-c', code], cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.splitlines()[-1] == '[]'
 

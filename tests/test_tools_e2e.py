@@ -79,7 +79,7 @@ def test_train_resume_test_segmentation(data, tmp_path):
     """A run killed after its first checkpoint continues from the saved iteration with
     --resume; the final checkpoint is then evaluated with mIoU."""
     work = tmp_path / 'work'
-    options = ['--work-dir', str(work), '--cfg-options', *seg_options(data, iters=6)]
+    options = ['--work-dir', str(work), '--cfg-options', *seg_options(data, iters=4)]
     first = interpreter.start(['tools/train.py', SEG, *options], cwd=ROOT, env=ENV)
     try:
         deadline = time.time() + 600
@@ -91,18 +91,18 @@ def test_train_resume_test_segmentation(data, tmp_path):
             first.kill()  # SIGKILL
         first.wait()
     saved = int(Path((work / 'last_checkpoint').read_text().strip()).stem.split('_')[1])
-    assert saved < 6, 'the first run finished before it could be stopped'
+    assert saved < 4, 'the first run finished before it could be stopped'
 
     resumed = tool('tools/train.py', SEG, *options, '--resume')
     assert f'resumed epoch: 0, iter: {saved}' in resumed.stdout
-    assert f'Iter(train) [{saved + 1}/6]' in resumed.stdout
-    assert 'Iter(train) [1/6]' not in resumed.stdout
+    assert f'Iter(train) [{saved + 1}/4]' in resumed.stdout
+    assert 'Iter(train) [1/4]' not in resumed.stdout
     assert 'mIoU' in resumed.stdout  # the end-of-training validation
 
     out, show = tmp_path / 'seg_out', tmp_path / 'seg_show'
-    test = tool('tools/test.py', SEG, str(work / 'iter_6.pth'), '--work-dir', str(work),
+    test = tool('tools/test.py', SEG, str(work / 'iter_4.pth'), '--work-dir', str(work),
                 '--out', str(out), '--show-dir', str(show),
-                '--cfg-options', *seg_options(data, iters=6))
+                '--cfg-options', *seg_options(data, iters=4))
     assert 'mIoU:' in test.stdout
     assert len(list(out.glob('*.png'))) == 2
     assert len(list(show.glob('vis_data/vis_image/*.png'))) == 2
