@@ -8,7 +8,7 @@ ONEDL_VENV ?= $(CURDIR)/.venv-onedl
 ONEDL_TESTS := tests/test_backbone.py tests/test_checkpoints.py tests/test_trust.py \
 	tests/test_config_scope.py tests/test_tools_e2e.py::test_train_test_infer_detection
 
-.PHONY: env test demo env-onedl test-onedl
+.PHONY: env test test-quick demo env-onedl test-onedl
 
 env:
 	VENV=$(VENV) bash tools/setup_env.sh --stack $(STACK)
@@ -17,6 +17,10 @@ env:
 # of one process, and no process oversubscribes the cores (docs/README.md)
 test: env
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+
+# the unit tests, for edit loops: what is not marked slow (setup.cfg)
+test-quick: env
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 demo: env
 	$(PY) tools/demo.py

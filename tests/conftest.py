@@ -1,11 +1,14 @@
 """Fixtures shared by the test modules."""
 import pytest
-import torch
 
-# The package under test, imported before pytest imports the repository root's __init__.py (the
-# root is a test package to pytest): in a clone named mmmetaformer pytest imports that file as
-# `mmmetaformer`, and finds this package already imported instead.
-import mmmetaformer  # noqa: F401
+
+def pytest_configure(config):
+    """Import the package under test before pytest imports the repository root's __init__.py
+    (the root is a test package to pytest): in a clone named mmmetaformer pytest imports that
+    file as `mmmetaformer`, and finds this package already imported instead. pytest-xdist's
+    controller collects and runs nothing: it skips the import (seconds before workers start)."""
+    if not (config.getoption('numprocesses', None) and not hasattr(config, 'workerinput')):
+        import mmmetaformer  # noqa: F401
 
 # The files that take longest, first: `make test` hands whole files to its two processes in
 # collection order (pytest-xdist --dist loadfile --no-loadscope-reorder), so a long file
@@ -22,6 +25,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope='module')
 def one_thread():
     """Tiny inputs: one torch thread is as fast, and immune to oversubscribed CPUs."""
+    import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

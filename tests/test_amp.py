@@ -245,6 +245,7 @@ NUM_TRAIN = 8
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_train_amp_demo_maskrcnn(tmp_path):
     """``tools/train.py --amp`` trains the demo Mask R-CNN on CPU for one epoch: bfloat16
     autocast (logged, with a warning where the CPU emulates bfloat16), finite losses at every

@@ -10,6 +10,8 @@ import torch
 
 import interpreter
 
+pytestmark = pytest.mark.slow  # not in `make test-quick`
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ['caformer_s18', 'identityformer_s12']  # with a timm model, and ours only
 MODES = ['forward', 'train']

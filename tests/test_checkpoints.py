@@ -314,6 +314,7 @@ def test_ema_copies_and_module_prefix(logs):
     assert loaded(dict(state_dict={f'module.backbone.{k}': v for k, v in raw.items()})) == 1.
 
 
+@pytest.mark.slow  # a child interpreter
 def test_convert_cli(tmp_path):
     path = tmp_path / 'poolformer_s12.pth.tar'
     torch.save(to_official(source('poolformer_s12')[1], v1=True), path)

@@ -39,6 +39,7 @@ def test_one_config_per_model_and_variant():
                      | {f'{n}_in21k' for n in conv})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
 def test_config_builds(path):
     """Model, optimizer wrapper (with its no-decay groups) and pipelines build."""
@@ -178,6 +179,7 @@ def test_checkpoint_gives_official_logits(name, layout, tmp_path):
 # --- tools/train.py and tools/test.py -------------------------------------------------------
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_train_then_test_on_demo_imagenet(tmp_path):
     """A few iterations of the real recipe (RandAugment, erasing, mixup/cutmix, LAMB), then
     top-1/top-5 of the checkpoint on the val split."""

@@ -17,6 +17,8 @@ import benchmark
 from mmmetaformer.archs import FAMILIES, S_DIMS
 from mmmetaformer.models import MetaFormer
 
+pytestmark = pytest.mark.slow  # not in `make test-quick`
+
 SIZES = ((64, 96), (96, 128))  # stage 4: 2x3 and 3x4 tokens (a size of 1 would specialise)
 
 

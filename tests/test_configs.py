@@ -156,6 +156,7 @@ def build_model(cfg):
 
 
 @pytest.mark.parametrize('name', ALL)
+@pytest.mark.slow
 def test_config_builds_and_runs(name):
     cfg = load(name)
     scope = cfg.default_scope
@@ -210,6 +211,7 @@ def unused_by_one_loss(cfg):
 @pytest.mark.parametrize('name', sorted({  # the smallest model of each recipe
     min(path for path, (r, _, size) in ZOO.items() if r == recipe and size in ('s12', 's18'))
     for recipe in RECIPES}))
+@pytest.mark.slow
 def test_every_parameter_trains(name):
     """One training loss reaches every trainable parameter: DDP, as the recipes run it
     (``find_unused_parameters=False``), stops at the second iteration otherwise; and the
@@ -273,6 +275,7 @@ model = dict(
 
 
 @pytest.mark.parametrize('text', [SWAP_MMDET, SWAP_MMSEG], ids=['mmdet', 'mmseg'])
+@pytest.mark.slow
 def test_backbone_swaps_into_toolbox_config(text, tmp_path):
     """Only the backbone dict and the neck/head in_channels of mmdet's / mmseg's own config
     change; the model builds and trains one iteration (SGD as in the toolbox config)."""

@@ -289,6 +289,7 @@ test_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_tools_test_with_original_and_converted_files(tmp_path):
     """tools/test.py on the demo data takes the official RetinaNet file (converted in memory,
     one log line) and its conversion, with the same detections."""

@@ -18,11 +18,13 @@ ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('mmdet')
 
 import export_onnx as export_tool  # noqa: E402
-import interpreter
+import interpreter  # noqa: E402
 from demo_data import write_coco_demo  # noqa: E402
 from mmmetaformer.deploy import build_exportable, export_onnx  # noqa: E402
 from mmmetaformer.deploy.detector import (compare_detections, mmdet_predict,  # noqa: E402
                                           onnx_detections, preprocess_images)
+
+pytestmark = pytest.mark.slow  # not in `make test-quick`
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / 'configs/demo/caformer_s18_maskrcnn_demo.py')

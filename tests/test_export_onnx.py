@@ -111,6 +111,7 @@ def test_classifier_with_checkpoint(tmp_path):
 
 @pytest.mark.parametrize('config', ['configs/ade20k/fpn_randformer-s12_8xb4-40k_ade20k-512x512.py',
                                     'configs/demo/upernet_caformer-s18_ade20k_demo.py'])
+@pytest.mark.slow
 def test_segmentor_equals_mmseg_whole_inference(config, tmp_path):
     exportable, info = build_exportable(str(ROOT / config))
     assert info['part'] == 'segmentor'
@@ -169,6 +170,7 @@ def test_tool_refuses_bad_shape(shape, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # a child interpreter
 def test_failed_write_keeps_the_old_file(tmp_path):
     """A write that fails half-way (a file size limit, as a full disk would) leaves the good
     file at the path untouched and no partial file beside it."""
@@ -188,6 +190,7 @@ def test_failed_write_keeps_the_old_file(tmp_path):
 
 @pytest.mark.parametrize('config', ['configs/imagenet/poolformer_s12_in1k.py',
                                     'configs/demo/upernet_caformer-s18_ade20k_demo.py'])
+@pytest.mark.slow
 def test_preprocessing_in_metadata(config, tmp_path):
     """The file carries the config's input normalisation, wherever the config keeps its data
     preprocessor (mmpretrain: top level; mmseg and mmdet: in the model)."""

@@ -70,6 +70,7 @@ tiny_runner({work_dir!r}, 4, default_hooks=dict(checkpoint=dict(
 
 # --- 5: saves and resume -----------------------------------------------------------------------
 
+@pytest.mark.slow  # a child interpreter
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     work, marker = tmp_path / 'work', tmp_path / 'saving'
     script = STALLING_RUN.format(tests=str(Path(__file__).parent), marker=str(marker),
@@ -283,6 +284,7 @@ def test_random_mixing_cache_is_bounded_by_memory(monkeypatch):
 
 # --- round two ---------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a child interpreter
 def test_wide_views_are_refused_in_bounded_memory(tmp_path):
     """2: a neck tensor that views 4 bytes through stride 0 as 3e9 values, in a whole-model
     file for the converter (which has no neck to check its shape against)."""
@@ -384,6 +386,7 @@ except OSError as err:
 '''
 
 
+@pytest.mark.slow  # a child interpreter
 def test_failed_save_names_the_file(tmp_path):
     path = tmp_path / 'iter_2.pth'
     torch.save(dict(w=torch.ones(2)), path)

@@ -99,7 +99,12 @@ def smallest(name):
     return name.endswith(('_s12', '_s18'))
 
 
-@pytest.mark.parametrize('name', TIMM_MODELS)
+def quick_smallest(names):
+    """``names`` as parameters, all but the smallest size of each family marked slow."""
+    return [pytest.param(n, marks=() if smallest(n) else pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize('name', quick_smallest(TIMM_MODELS))
 def test_matches_timm_features(name, tmp_path):
     path = tmp_path / 'model.safetensors'
     save_file(randomize(timm.create_model(name)).state_dict(), str(path))
@@ -149,8 +154,8 @@ def timm_generic_reference(name):
                           norm_layers=GroupNorm1NoBias, use_mlp_head=False)
 
 
-@pytest.mark.parametrize('name', [n for n in ARCHS if n.startswith(('identityformer',
-                                                                     'randformer'))])
+@pytest.mark.parametrize('name', quick_smallest(
+    [n for n in ARCHS if n.startswith(('identityformer', 'randformer'))]))
 def test_matches_timm_generic_metaformer(name, tmp_path):
     torch.manual_seed(0)
     model = randomize(timm_generic_reference(name))
@@ -161,7 +166,7 @@ def test_matches_timm_generic_metaformer(name, tmp_path):
     compare(load_ours(name, path), Intermediates(model).eval(), sizes, fp64=smallest(name))
 
 
-@pytest.mark.parametrize('name', list(ARCHS))
+@pytest.mark.parametrize('name', quick_smallest(list(ARCHS)))
 def test_params_and_macs(name):
     """Parameters with the 1000-class classifier equal the official checkpoint's; MACs at
     224x224 (attention matmuls counted) are within 2% of the papers' tables."""

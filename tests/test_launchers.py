@@ -25,6 +25,8 @@ from demo_data import write_coco_demo
 from mmmetaformer.dataset_checks import DatasetError
 from test_tools_e2e import DET, ENV, ROOT, _RunsCode, det_options
 
+pytestmark = pytest.mark.slow  # not in `make test-quick`
+
 ENV = dict(ENV, PYTHON=sys.executable, OMP_NUM_THREADS='1')
 ERRORS = ('TORCHELASTIC_ERROR_FILE', 'RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_NTASKS',
           launch.LAUNCHER_ENV)

@@ -22,6 +22,8 @@ from modelindex.load_model_index import load
 
 from demo_data import write_coco_demo
 
+pytestmark = pytest.mark.slow  # not in `make test-quick`
+
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHT = 'https://huggingface.co/sail/dl/resolve/main/caformer/caformer_s18.pth'
 DEMO = 'configs/demo/caformer_s18_maskrcnn_demo.py'

@@ -50,6 +50,7 @@ print(json.dumps(dict(changed=changed, added=added, modules=len(known))))
 REGISTRATIONS = {'mmengine.runner.checkpoint.CheckpointLoader._schemes'}
 
 
+@pytest.mark.slow  # a child interpreter
 def test_import_replaces_or_adds_no_host_attribute():
     run = interpreter.run(['-c', SNAPSHOT], timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -91,6 +92,7 @@ def test_unknown_model_zoo_names_are_one_clear_error(name):
         CheckpointLoader.load_checkpoint(name)
 
 
+@pytest.mark.slow  # a child interpreter
 def test_train_test_and_infer_do_not_import_the_export_code():
     code = ('import sys; sys.argv = ["x"]; sys.path.insert(0, "tools"); import train, test, '
             'infer; print(sorted(m for m in sys.modules if m.startswith(("mmmetaformer.deploy", '

@@ -61,7 +61,7 @@ CASES = [(f'{name}-{target}', ['merge', target], code)
     [case for case in CASES if case[1][0] != 'merge']
 
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.slow]
 
 
 @pytest.fixture

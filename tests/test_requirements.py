@@ -47,6 +47,7 @@ def site_without(tmp_path, module):
     return site
 
 
+@pytest.mark.slow
 def test_missing_pkg_resources_is_named_with_the_fix(tmp_path):
     """Upstream mmengine imports pkg_resources when a config names a package; without it,
     ``import mmmetaformer`` says so and gives the command that restores it."""

@@ -129,6 +129,7 @@ print('stepped', flush=True)
 '''
 
 
+@pytest.mark.slow  # a child interpreter
 def test_forged_optimizer_state_crashes_torch_and_is_refused(tmp_path):
     """A Runner checkpoint of tensors only whose AdamW state for a 1024x12544 weight holds one
     value, with fused=True: torch takes the file's fused over the config's fused=False and

@@ -232,6 +232,7 @@ def _dist_worker(rank, port, work_dir):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='covers CPU-only hosts')
+@pytest.mark.slow
 def test_torchrun_gloo_training_on_cpu(tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

@@ -18,6 +18,8 @@ ENV.pop('MMMETAFORMER_DEBUG', None)
 import common  # noqa: E402
 import interpreter  # noqa: E402
 
+pytestmark = pytest.mark.slow  # not in `make test-quick`
+
 
 def tool(*args, env=None, fresh=False):
     """Run ``python tools/<args>`` (in a child interpreter of tests/interpreter.py, or with

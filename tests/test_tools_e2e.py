@@ -18,7 +18,7 @@ DET = 'configs/demo/caformer_s18_maskrcnn_demo.py'
 SEG = 'configs/demo/upernet_caformer-s18_ade20k_demo.py'
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                                 os.getenv('PYTHONPATH')])))
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope='module')

@@ -360,6 +360,7 @@ def bounded(call, *args, timeout=120, cap=2**31, imports=THE_PACKAGE):
     lambda: _Reduces(getattr, (_shared(32), 'min')),
     lambda: _Reduces(HistoryBuffer, ()),  # its state below
 ], ids=['array-state', 'dtype-hash', 'scalar', 'getattr', 'history-buffer'])
+@pytest.mark.slow  # a child interpreter
 def test_exponential_data_is_refused_in_bounded_time_and_memory(tmp_path, payload):
     value = payload()
     if isinstance(value, _Reduces) and value.reduce[0] is HistoryBuffer:
@@ -465,6 +466,7 @@ def _forge_member(path, declared, deflate):
 
 
 @pytest.mark.parametrize('deflate', [True, False], ids=['compressed', 'oversized'])
+@pytest.mark.slow  # a child interpreter
 def test_members_larger_than_the_file_are_refused_before_allocation(tmp_path, deflate):
     """A 1 MiB file whose storage member inflates to 1 GiB: torch allocates (and fills) the
     declared size before it compares it with the tensor's; a stored member declaring more
@@ -479,6 +481,7 @@ def test_members_larger_than_the_file_are_refused_before_allocation(tmp_path, de
     assert memory < 100 * 2**20
 
 
+@pytest.mark.slow  # a child interpreter
 def test_allocation_failure_is_reported_as_such(tmp_path):
     """Under a memory cap an intact file that does not fit is not called truncated."""
     path = tmp_path / 'big.pth'
