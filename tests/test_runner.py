@@ -1,7 +1,6 @@
 """The run components the configs name (mmmetaformer.SafeRunner, SafeCheckpointHook) and the
 checkpoint schemes every mmengine load goes through, on a tiny mmengine training run."""
 import copy
-import gc
 import io
 import os
 import pickle
@@ -12,16 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
-from mmengine.model import MMDistributedDataParallel
 from mmengine.runner import CheckpointLoader, Runner, load_checkpoint
 
 from mmmetaformer.trust import CheckpointError
 
 sys.path.insert(0, str(Path(__file__).parent))
+import interpreter  # noqa: E402
 from tiny_run import TinyData, TinyModel, log_of, tiny_runner  # noqa: E402
 
 
@@ -211,24 +208,29 @@ def test_resume_does_not_trust_the_work_dir(tmp_path):
 
 
 # --- DDP on CPU-only hosts ---------------------------------------------------------------------
-def _dist_worker(rank, port, work_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2',
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    # the OpenMMLab configs ask for NCCL: the SafeRunner takes gloo on a CPU-only host
-    runner = tiny_runner(work_dir, 2, launcher='pytorch',
-                         env_cfg=dict(dist_cfg=dict(backend='nccl')))
-    runner.train()
-    assert runner.distributed and runner.world_size == 2 and runner.iter == 2
-    assert isinstance(runner.model, MMDistributedDataParallel)
-    params = torch.cat([p.detach().flatten() for p in runner.model.parameters()])
-    gathered = [torch.empty_like(params) for _ in range(2)]
-    dist.all_gather(gathered, params)
-    torch.testing.assert_close(gathered[0], gathered[1])  # DDP kept ranks in sync
-    # Tear down before exit: torch's gloo worker threads may otherwise still be
-    # freeing work objects while Python finalizes, which aborts the process.
-    del runner
-    gc.collect()
-    dist.destroy_process_group()
+# One rank of a 2-process run, started as torchrun starts it (environment variables), in a child
+# interpreter (tests/interpreter.py).
+DIST_WORKER = '''
+import gc, sys
+import torch
+sys.path.insert(0, {tests!r})
+from tiny_run import tiny_runner
+# the OpenMMLab configs ask for NCCL: the SafeRunner takes gloo on a CPU-only host
+runner = tiny_runner(sys.argv[1], 2, launcher='pytorch',
+                     env_cfg=dict(dist_cfg=dict(backend='nccl')))
+runner.train()
+assert runner.distributed and runner.world_size == 2 and runner.iter == 2
+assert isinstance(runner.model, MMDistributedDataParallel)
+params = torch.cat([p.detach().flatten() for p in runner.model.parameters()])
+gathered = [torch.empty_like(params) for _ in range(2)]
+dist.all_gather(gathered, params)
+torch.testing.assert_close(gathered[0], gathered[1])  # DDP kept ranks in sync
+# Tear down before exit: torch's gloo worker threads may otherwise still be
+# freeing work objects while Python finalizes, which aborts the process.
+del runner
+gc.collect()
+dist.destroy_process_group()
+'''
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='covers CPU-only hosts')
@@ -237,5 +239,11 @@ def test_torchrun_gloo_training_on_cpu(tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    mp.spawn(_dist_worker, args=(port, str(tmp_path)), nprocs=2)
+    env = dict(os.environ, WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    code = DIST_WORKER.format(tests=str(Path(__file__).parent))
+    ranks = [interpreter.start(['-c', code, str(tmp_path)],
+                               env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
+             for rank in range(2)]
+    for rank in ranks:
+        assert rank.wait(timeout=300) == 0, rank.stderr[-3000:]
     assert (tmp_path / 'iter_2.pth').is_file()

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp('demo_data')
     write_coco_demo(str(root / 'coco'), num_train=4, num_val=2)
-    write_ade20k_demo(str(root / 'ade20k'), num_train=4, num_val=2)
+    write_ade20k_demo(str(root / 'ade20k'), num_train=4, num_val=2, image_size=(160, 128))
     return root
 
 
@@ -37,10 +37,16 @@ def det_options(data, epochs=1):
 
 
 def seg_options(data, iters):
+    """The demo config on ``data`` for ``iters`` iterations, at half its image and crop size."""
     ade = f'{data}/ade20k'
     return [f'{split}_dataloader.dataset.data_root={ade}' for split in ('train', 'val', 'test')] \
         + [f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
-           'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1']
+           'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
+           'model.data_preprocessor.size=(128,128)',
+           'train_dataloader.dataset.pipeline.2.scale=(160,128)',
+           'train_dataloader.dataset.pipeline.3.crop_size=(128,128)',
+           'val_dataloader.dataset.pipeline.1.scale=(160,128)',
+           'test_dataloader.dataset.pipeline.1.scale=(160,128)']
 
 
 def tool(*args):
