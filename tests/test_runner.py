@@ -213,6 +213,8 @@ def test_resume_does_not_trust_the_work_dir(tmp_path):
 DIST_WORKER = '''
 import gc, sys
 import torch
+import torch.distributed as dist
+from mmengine.model import MMDistributedDataParallel
 sys.path.insert(0, {tests!r})
 from tiny_run import tiny_runner
 # the OpenMMLab configs ask for NCCL: the SafeRunner takes gloo on a CPU-only host
