@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from mmcv.cnn.bricks import DropPath
 
 import mmmetaformer  # noqa: F401
 from mmmetaformer.models import (ARCHS, CAFormer, ConvFormer, IdentityFormer, MetaFormer,

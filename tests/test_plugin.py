@@ -1,6 +1,8 @@
 """``import mmmetaformer`` only registers: no function, method or module attribute of the host
 packages is replaced or added, and what it registers reaches every way mmengine loads."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,19 @@ def test_import_replaces_or_adds_no_host_attribute():
     assert result['modules'] > 500  # the host packages were loaded before the import
     assert set(result['changed']) - REGISTRATIONS == set()
     assert result['added'] == []
+
+
+@pytest.mark.slow  # a new interpreter
+def test_import_leaves_classification_and_timm_unloaded():
+    """A detector's or segmentor's run does not pay for what only a classifier or a timm://
+    download needs: mmpretrain, timm and torchvision load when a config builds the head or
+    a timm:// checkpoint is read."""
+    code = ('import sys, mmmetaformer; print(sorted({m.split(".")[0] for m in sys.modules} & '
+            '{"mmpretrain", "timm", "torchvision"}))')
+    run = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines()[-1] == '[]'
 
 
 def test_every_mmengine_checkpoint_scheme_reads_by_the_trust_rule():

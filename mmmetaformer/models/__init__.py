@@ -1,11 +1,16 @@
-import importlib.util
-
 from ..archs import ARCHS
+from ..registry import MODELS
 from .metaformer import (CAFormer, ConvFormer, IdentityFormer, MetaFormer, PoolFormer,
                          PoolFormerV2, RandFormer)
 
-if importlib.util.find_spec('mmpretrain'):  # the classifier head needs the "cls" extra
-    from .heads import MetaFormerClsHead  # noqa: F401
+
+@MODELS.register_module(name='MetaFormerClsHead')
+def build_cls_head(**kwargs):
+    """``type='mmmetaformer.MetaFormerClsHead'``: :class:`.heads.MetaFormerClsHead`. Its module
+    imports mmpretrain's models (seconds, and the "cls" extra), which only a classifier needs."""
+    from .heads import MetaFormerClsHead
+    return MetaFormerClsHead(**kwargs)
+
 
 __all__ = ['ARCHS', 'MetaFormer', 'PoolFormer', 'PoolFormerV2', 'IdentityFormer', 'RandFormer',
            'ConvFormer', 'CAFormer']

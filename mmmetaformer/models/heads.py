@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 from mmpretrain.models.heads import ClsHead
 
-from ..registry import MODELS
 from .layers import SquaredReLU
 
 
@@ -31,7 +30,6 @@ class MlpHead(nn.Module):
         return self.fc2(self.drop(self.norm(self.act(self.fc1(x)))))
 
 
-@MODELS.register_module()
 class MetaFormerClsHead(ClsHead):
     """The official MetaFormer classifier on the last backbone feature map (NCHW).
 

@@ -13,8 +13,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 from mmcv.cnn import build_norm_layer
+from mmcv.cnn.bricks import DropPath
 from mmengine.model import BaseModule
-from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
 from .. import checkpoints
