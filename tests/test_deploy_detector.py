@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / 'configs/demo/caformer_s18_maskrcnn_demo.py')
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                                 os.getenv('PYTHONPATH')])))
-TRAIN_ITERS = 64  # a third of the demo schedule: shapes found with scores above 0.3
+# a quarter of the demo schedule, warmed up in 16 iterations instead of 50: on the 8 validation
+# images, 88 shapes found with scores above 0.3, bbox mAP 0.19 (2 cores, 2026-12-06)
+TRAIN_ITERS = 48
 
 
 @pytest.fixture(scope='module')
@@ -50,7 +52,8 @@ def demo(data, tmp_path_factory):
                for split in ('train', 'val', 'test')] + [
         f'{split}_evaluator.ann_file={data}/annotations/instances_val2017.json'
         for split in ('val', 'test')] + [
-        'train_cfg.max_epochs=1', 'default_hooks.checkpoint.interval=1']
+        'train_cfg.max_epochs=1', 'default_hooks.checkpoint.interval=1',
+        'param_scheduler.0.end=16']
     proc = interpreter.run(['tools/train.py', DEMO, '--work-dir', str(work),
                             '--cfg-options', *options], cwd=ROOT, env=ENV, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
