@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import resource
 import runpy
+import socket
 import subprocess
 import sys
 import tempfile
@@ -121,3 +122,10 @@ def run(args, cwd='.', env=None, timeout=None, rlimits=()) -> subprocess.Complet
     started = start(args, cwd, env, rlimits)
     returncode = started.wait(timeout)
     return subprocess.CompletedProcess(started.args, returncode, started.stdout, started.stderr)
+
+
+def free_port() -> str:
+    """A free local TCP port, for the rendezvous of a multi-process run."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return str(s.getsockname()[1])

@@ -6,7 +6,6 @@ on failures read back by torch's own ProcessFailure."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 import common
 import interpreter
 import launch
+from interpreter import free_port
 from common import run_tool
 from demo_data import write_coco_demo
 from mmmetaformer.dataset_checks import DatasetError
@@ -37,12 +37,6 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp('demo_data')
     write_coco_demo(str(root / 'coco'), num_train=4, num_val=2)
     return root
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return str(s.getsockname()[1])
 
 
 def launcher(*args, env=None):

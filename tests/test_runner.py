@@ -4,7 +4,6 @@ import copy
 import io
 import os
 import pickle
-import socket
 import sys
 import zipfile
 from pathlib import Path
@@ -238,10 +237,8 @@ dist.destroy_process_group()
 @pytest.mark.skipif(torch.cuda.is_available(), reason='covers CPU-only hosts')
 @pytest.mark.slow
 def test_torchrun_gloo_training_on_cpu(tmp_path):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    env = dict(os.environ, WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+               MASTER_PORT=interpreter.free_port())
     code = DIST_WORKER.format(tests=str(Path(__file__).parent))
     ranks = [interpreter.start(['-c', code, str(tmp_path)],
                                env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))

@@ -2,7 +2,6 @@
 train then test (detection and segmentation, real evaluators), 2-process dist_train.sh on CPU
 (gloo) of a naive backbone swap, --resume after a run is stopped, and one clear message for a missing dataset."""
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -143,13 +142,11 @@ def test_dist_train_of_a_naive_retinanet_swap(data, tmp_path):
     norm, with one warning that names the tidier config."""
     config = tmp_path / 'retinanet_swap.py'
     config.write_text(RETINANET_SWAP.format(data=data))
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     work = tmp_path / 'work'
-    proc = subprocess.run(['bash', 'tools/dist_train.sh', str(config), '2', '--work-dir', str(work)],
-                          cwd=ROOT, env=dict(ENV, PYTHON=sys.executable, PORT=str(port)),
-                          capture_output=True, text=True, timeout=900)
+    env = dict(ENV, PYTHON=sys.executable, PORT=interpreter.free_port())
+    proc = subprocess.run(['bash', 'tools/dist_train.sh', str(config), '2', '--work-dir',
+                           str(work)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # 4 images, 1 per step and 2 processes: 2 steps an epoch. DDP would stop at the second step
     # had a parameter no gradient in the first.
