@@ -10,8 +10,8 @@ def pytest_configure(config):
     if not (config.getoption('numprocesses', None) and not hasattr(config, 'workerinput')):
         import mmmetaformer  # noqa: F401
 
-# The files that take longest, first: `make test` hands whole files to its two processes in
-# collection order (pytest-xdist --dist loadfile --no-loadscope-reorder), so a long file
+# The files that take longest, first: `make test` hands whole files to its processes in collection
+# order (pytest-xdist --dist loadfile --no-loadscope-reorder), so a long file
 # collected last would run alone at the end.
 LONGEST_FIRST = ['test_deploy_detector.py', 'test_tools_e2e.py', 'test_mim.py',
                  'test_launchers.py', 'test_benchmark.py', 'test_tools_cli.py']

@@ -22,14 +22,22 @@ generate = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(generate)
 GENERATED = generate.configs()
 ZOO = {path: (recipe, family, size) for path, recipe, family, size, _ in generate.zoo()}
-SIZES = ('s12', 's18', 's24', 's36', 'm36', 'm48', 'b36')  # smallest first
+SIZE_ORDER = ('s12', 's18', 's24', 's36', 'm36', 'm48', 'b36')
+
+
+def smallest_of_each_recipe_and_family():
+    groups = {}
+    for path, (recipe, family, _) in ZOO.items():
+        groups.setdefault((recipe, family), []).append(path)
+    return [min(paths, key=lambda p: SIZE_ORDER.index(ZOO[p][2])) for paths in groups.values()]
+
+
 # built and run: the smallest model of each recipe and family, the headline config and the
 # demos (the ImageNet demo: tests/test_tools_demo.py). The other sizes differ in the backbone
 # arch and the widths the neck or heads read, which test_zoo_config_recipe checks against the
 # arch table for every config, and test_fidelity builds every arch.
 BUILT = sorted([
-    *{min((p for p, (r, f, _) in ZOO.items() if (r, f) == key), key=lambda p: SIZES.index(
-        ZOO[p][2])) for key in {(r, f) for r, f, _ in ZOO.values()}},
+    *smallest_of_each_recipe_and_family(),
     'caformer_s18_maskrcnn.py',
     *(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / 'demo').glob('*.py')
       if 'imagenet' not in p.name)])

@@ -24,12 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMM_MODELS = [name for name in ARCHS if not name.startswith(('identityformer', 'randformer'))]
 SIZES = [(224, 224), (160, 96)]
 
-
-def sizes_of(name):
-    """The input sizes a model is compared at: both for the smallest model of a family, the
-    non-square one for the larger models (the same modules, more of them)."""
-    return SIZES if smallest(name) else SIZES[1:]
-
 # ImageNet-1K Params (with the 1000-class head) from the official checkpoints and MACs (G) at
 # 224x224 from the papers' tables.
 REFERENCE = {
@@ -103,6 +97,12 @@ def compare(ours, reference, sizes, fp64=False):
 
 def smallest(name):
     return name.endswith(('_s12', '_s18'))
+
+
+def sizes_of(name):
+    """The input sizes a model is compared at: both for the smallest model of a family, the
+    non-square one for the larger models (the same modules, more of them)."""
+    return SIZES if smallest(name) else SIZES[1:]
 
 
 def quick_smallest(names):

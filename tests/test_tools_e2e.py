@@ -1,6 +1,7 @@
 """tools/ end to end on tiny demo datasets (each run a child interpreter, tests/interpreter.py):
 train then test (detection and segmentation, real evaluators), 2-process dist_train.sh on CPU
-(gloo) of a naive backbone swap, --resume after a run is stopped, and one clear message for a missing dataset."""
+(gloo) of a naive backbone swap, --resume after a run is stopped, and one clear message for a
+missing dataset."""
 import os
 import subprocess
 import sys
