@@ -9,6 +9,8 @@ interpreter in its test: import-time behaviour (test_plugin, test_requirements),
 launchers and torchrun, mim, and tools run without torch (test_onnx_infer).
 """
 import atexit
+import functools
+import json
 import multiprocessing
 import os
 import resource
@@ -34,7 +36,17 @@ def _exit_status(code) -> int:
     return 1
 
 
-def _run(args, cwd, env, rlimits, stdout, stderr):
+@functools.lru_cache(maxsize=None)
+def _site_path() -> list:
+    """``sys.path`` of a new interpreter past its first entry, without PYTHONPATH: the forkserver
+    inherits pytest's, which holds the folder above a repository root that has an
+    ``__init__.py``, where ``import mmmetaformer`` would find the clone, not the package."""
+    code = 'import json, sys; print(json.dumps(sys.path[1:]))'
+    return json.loads(subprocess.run([sys.executable, '-E', '-c', code], capture_output=True,
+                                     text=True, check=True).stdout)
+
+
+def _run(args, cwd, env, rlimits, site_path, stdout, stderr):
     """The child: ``python ARGS`` in this preloaded interpreter."""
     for name, limits in rlimits.items():
         resource.setrlimit(getattr(resource, name), limits)
@@ -49,11 +61,11 @@ def _run(args, cwd, env, rlimits, stdout, stderr):
     try:
         if args[0] == '-c':
             sys.argv = ['-c', *args[2:]]
-            sys.path[:0] = ['', *paths]
+            sys.path[:] = ['', *paths, *site_path]
             exec(compile(args[1], '<string>', 'exec'), {'__name__': '__main__'})
         else:
             sys.argv = list(args)
-            sys.path[:0] = [os.path.dirname(os.path.abspath(args[0])), *paths]
+            sys.path[:] = [os.path.dirname(os.path.abspath(args[0])), *paths, *site_path]
             runpy.run_path(args[0], run_name='__main__')
     except SystemExit as exit_:
         status = _exit_status(exit_.code)
@@ -78,8 +90,8 @@ class Started:
         self._err.touch()
         self.args = [sys.executable, *args]
         self._process = _CONTEXT.Process(
-            target=_run, args=(list(args), str(cwd), dict(env), dict(rlimits), str(self._out),
-                               str(self._err)))
+            target=_run, args=(list(args), str(cwd), dict(env), dict(rlimits), _site_path(),
+                               str(self._out), str(self._err)))
         self._process.start()
         self.pid = self._process.pid
         self.stdout = self.stderr = self.returncode = None
