@@ -1,12 +1,18 @@
 """Fixtures shared by the test modules."""
 import pytest
 
+import interpreter
+
 
 def pytest_configure(config):
     """Import the package under test before pytest imports the repository root's __init__.py
     (the root is a test package to pytest): in a clone named mmmetaformer pytest imports that
     file as `mmmetaformer`, and finds this package already imported instead. pytest-xdist's
-    controller collects and runs nothing: it skips the import (seconds before workers start)."""
+    controller collects and runs nothing: it skips the import (seconds before workers start).
+    The main process makes the folder of the run's interpreter server, which its workers
+    inherit (tests/interpreter.py)."""
+    if not hasattr(config, 'workerinput'):
+        interpreter.server_folder()
     if not (config.getoption('numprocesses', None) and not hasattr(config, 'workerinput')):
         import mmmetaformer  # noqa: F401
 

@@ -1,32 +1,100 @@
 """``python ARGS`` for the tests, without paying for the stack's imports each time.
 
-A fresh interpreter spends about 14 s of a 2-core CPU importing torch, timm, mmdet, mmseg and
-mmpretrain before a tool's first line runs. Here each run is a child forked from a
-multiprocessing forkserver that imported them once: the child takes the given working
+A fresh interpreter spends about 16 s of a 2-core CPU importing torch, timm, mmdet, mmseg and
+mmpretrain before a tool's first line runs. Here each run is a child forked from one server per
+test run that imported them once (started by the first process that needs it and shared by
+pytest-xdist's workers; it ends with pytest's main process): the child takes the given working
 directory, environment, ``sys.argv`` and ``sys.path`` of ``python ARGS``, runs the script (or
 ``-c`` code) as ``__main__`` and exits with its status. What a run cannot share stays a real
 interpreter in its test: import-time behaviour (test_plugin, test_requirements), the shell
 launchers and torchrun, mim, and tools run without torch (test_onnx_infer).
+
+    python tests/interpreter.py FOLDER    the server of FOLDER (see :func:`server_folder`)
 """
 import atexit
+import fcntl
 import functools
+import importlib
 import json
-import multiprocessing
 import os
 import resource
 import runpy
+import select
+import selectors
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
 # the stack, not the package: each run imports mmmetaformer (and registers) as a fresh one does
 PRELOAD = ['torch', 'timm', 'mmengine.runner', 'mmcv.transforms', 'mmdet.apis', 'mmseg.apis',
            'mmpretrain.models']
-_CONTEXT = multiprocessing.get_context('forkserver')
-_CONTEXT.set_forkserver_preload(PRELOAD)
+#: The folder of the test run's server (its socket, pid, log), inherited by pytest's workers.
+FOLDER_ENV = 'MMMETAFORMER_TEST_INTERPRETERS'
+
+
+def server_folder() -> Path:
+    """The folder of this test run's server. The first process that asks makes it (pytest's
+    main process asks before it starts its workers, which inherit it) and, when it exits, stops
+    the server and removes the folder."""
+    if FOLDER_ENV not in os.environ:
+        folder = tempfile.mkdtemp(prefix='interpreters-')
+        Path(folder, 'owner').write_text(str(os.getpid()))
+        os.environ[FOLDER_ENV] = folder
+        atexit.register(_stop_server, Path(folder))
+    return Path(os.environ[FOLDER_ENV])
+
+
+def _stop_server(folder: Path):
+    try:
+        os.kill(int((folder / 'pid').read_text()), signal.SIGTERM)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _server_address() -> str:
+    """The server's socket, starting the server if no process has."""
+    folder = server_folder()
+    with open(folder / 'lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / 'pid').exists():
+            with open(folder / 'server.log', 'w') as log:
+                server = subprocess.Popen([sys.executable, __file__, str(folder)],
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            (folder / 'pid').write_text(str(server.pid))
+    return str(folder / 'socket')
+
+
+def _connect() -> socket.socket:
+    """A connection to the server, once it has imported the stack and listens."""
+    folder, deadline = server_folder(), time.monotonic() + 600
+    while True:
+        conn = socket.socket(socket.AF_UNIX)
+        try:
+            conn.connect(_server_address())
+            return conn
+        except (FileNotFoundError, ConnectionRefusedError):
+            conn.close()
+            pid = int((folder / 'pid').read_text())
+            if not _alive(pid) or time.monotonic() > deadline:
+                raise RuntimeError('the interpreter server did not start: '
+                                   + (folder / 'server.log').read_text()[-3000:]) from None
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def _exit_status(code) -> int:
@@ -38,8 +106,8 @@ def _exit_status(code) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _site_path() -> list:
-    """``sys.path`` of a new interpreter past its first entry, without PYTHONPATH: the forkserver
-    inherits pytest's, which holds the folder above a repository root that has an
+    """``sys.path`` of a new interpreter past its first entry, without PYTHONPATH: the server
+    is started from pytest's, which holds the folder above a repository root that has an
     ``__init__.py``, where ``import mmmetaformer`` would find the clone, not the package."""
     code = 'import json, sys; print(json.dumps(sys.path[1:]))'
     return json.loads(subprocess.run([sys.executable, '-E', '-c', code], capture_output=True,
@@ -52,7 +120,6 @@ def _run(args, cwd, env, rlimits, site_path, stdout, stderr):
         resource.setrlimit(getattr(resource, name), limits)
     for fd, path in ((1, stdout), (2, stderr)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
-    multiprocessing.set_start_method(None, force=True)  # unset, as in a fresh interpreter
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -78,6 +145,66 @@ def _run(args, cwd, env, rlimits, site_path, stdout, stderr):
     os._exit(status)
 
 
+def serve(folder: Path):
+    """Import the stack, then for each connection: read a request (one JSON line of
+    :func:`_run`'s arguments), fork a child that runs it, send its pid, and its exit status
+    (as Popen's ``returncode``) when it ends. Ends with the process that made ``folder``, or
+    on SIGTERM, killing its children."""
+    for name in PRELOAD:
+        importlib.import_module(name)
+    owner = int((folder / 'owner').read_text())
+    children = {}  # pid: the connection that asked for it
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the selector
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(folder / 'socket'))
+    listener.listen(64)
+    events = selectors.DefaultSelector()
+    events.register(listener, selectors.EVENT_READ)
+    events.register(wake_r, selectors.EVENT_READ)
+    try:
+        while _alive(owner):
+            for key, _ in events.select(timeout=1):
+                if key.fileobj is wake_r:
+                    os.read(wake_r, 4096)
+                    continue
+                conn = listener.accept()[0]
+                request = json.loads(b''.join(iter(functools.partial(conn.recv, 1 << 16), b'')))
+                pid = os.fork()
+                if pid == 0:
+                    events.close()
+                    for open_socket in (listener, conn, *children.values()):
+                        open_socket.close()
+                    signal.set_wakeup_fd(-1)
+                    for signum in (signal.SIGCHLD, signal.SIGTERM):
+                        signal.signal(signum, signal.SIG_DFL)
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    _run(**request)
+                children[pid] = conn
+                _send(conn, pid)
+            while children:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if not pid:  # the others still run
+                    break
+                conn = children.pop(pid)
+                _send(conn, os.waitstatus_to_exitcode(status))
+                conn.close()
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _send(conn, number: int):
+    try:
+        conn.sendall(f'{number}\n'.encode())
+    except OSError:  # the test process that asked has ended
+        pass
+
+
 class Started:
     """A running ``python ARGS``: ``pid``, ``poll()``, ``kill()``, ``wait()``,
     ``communicate()`` and ``returncode`` like Popen's; ``stdout`` / ``stderr`` (text) once it
@@ -89,37 +216,57 @@ class Started:
         self._out.touch()
         self._err.touch()
         self.args = [sys.executable, *args]
-        self._process = _CONTEXT.Process(
-            target=_run, args=(list(args), str(cwd), dict(env), dict(rlimits), _site_path(),
-                               str(self._out), str(self._err)))
-        self._process.start()
-        self.pid = self._process.pid
         self.stdout = self.stderr = self.returncode = None
+        self._conn = _connect()
+        request = dict(args=list(args), cwd=str(cwd), env=dict(env), rlimits=dict(rlimits),
+                       site_path=_site_path(), stdout=str(self._out), stderr=str(self._err))
+        self._conn.sendall(json.dumps(request).encode())
+        self._conn.shutdown(socket.SHUT_WR)  # the request's end
+        self.pid = self._read_line(None)
+
+    def _read_line(self, timeout):
+        """The server's next line as an int, or None if none came within ``timeout`` s."""
+        if not select.select([self._conn], [], [], timeout)[0]:
+            return None
+        line = b''
+        while not line.endswith(b'\n'):
+            byte = self._conn.recv(1)
+            if not byte:
+                raise RuntimeError('the interpreter server ended')
+            line += byte
+        return int(line)
 
     def poll(self):
-        return None if self._process.is_alive() else self._finish()
+        return self.returncode if self.returncode is not None else \
+            self._finish(self._read_line(0))
 
     def kill(self):
-        self._process.kill()
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended, its status not read yet
+                pass
 
     def wait(self, timeout=None):
-        self._process.join(timeout)
-        if self._process.is_alive():
+        if self.returncode is not None:
+            return self.returncode
+        status = self._read_line(timeout)
+        if status is None:
             self.kill()
-            self._process.join()
+            self._finish(self._read_line(None))
             raise subprocess.TimeoutExpired(self.args, timeout)
-        return self._finish()
+        return self._finish(status)
 
     def communicate(self, timeout=None):
         self.wait(timeout)
         return self.stdout, self.stderr
 
-    def _finish(self):
-        self._process.join()
-        if self.stdout is None:
+    def _finish(self, status):
+        if status is not None and self.returncode is None:
+            self.returncode = status
             self.stdout, self.stderr = self._out.read_text(), self._err.read_text()
             self._files.cleanup()
-            self.returncode = self._process.exitcode
+            self._conn.close()
         return self.returncode
 
 
@@ -141,3 +288,7 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return str(s.getsockname()[1])
+
+
+if __name__ == '__main__':
+    serve(Path(sys.argv[1]))
