@@ -119,13 +119,22 @@ def coco_map(ann_file, results, kind):
     return evaluator.stats[0]
 
 
-def test_trained_maskrcnn_dynamic_map(demo, tmp_path):
+@pytest.fixture(scope='module')
+def dynamic_graph(demo, tmp_path_factory):
+    """The trained demo detector exported by tools/export_onnx.py with a dynamic input size:
+    ``(graph path, exportable, info)``."""
+    data, checkpoint = demo
+    path = tmp_path_factory.mktemp('dynamic') / 'det.onnx'
+    export_tool.main([DEMO, checkpoint, '--out', str(path), '--shape', '160', '192',
+                      '--dynamic'])
+    return (path, *demo_exportable(data, checkpoint))
+
+
+def test_trained_maskrcnn_dynamic_map(demo, dynamic_graph):
     """A dynamic-size export on the demo validation set: the same bbox and segm mAP
     (pycocotools) as mmdet's predict() within 0.01."""
-    data, checkpoint = demo
-    exportable, info = demo_exportable(data, checkpoint)
-    path = tmp_path / 'det.onnx'
-    export_onnx(exportable, str(path), (160, 192), dynamic=True)
+    data, _ = demo
+    path, exportable, info = dynamic_graph
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     ann_file = data / 'annotations/instances_val2017.json'
     ids = {img['file_name']: img['id'] for img in json.loads(ann_file.read_text())['images']}
@@ -218,20 +227,17 @@ def onnx_infer(*args):
     return proc.stdout
 
 
-def test_onnx_infer_matches_mmdet_on_the_same_input(demo, tmp_path):
+def test_onnx_infer_matches_mmdet_on_the_same_input(demo, dynamic_graph, tmp_path):
     """tools/onnx_infer.py, without torch or mmdet, on the demo images draws as many
     detections per image as mmdet's predict() finds on the same padded input tensor: the
     graph clips boxes to its input, as mmdeploy's files do, where mmdet's inference clips them
     to the resized image inside the padding (docs/deploy.md, "Where the graph differs")."""
-    data, checkpoint = demo
-    path = tmp_path / 'det.onnx'
-    export_tool.main([DEMO, checkpoint, '--out', str(path), '--shape', '160', '192',
-                      '--dynamic'])
+    data, _ = demo
+    path, exportable, info = dynamic_graph
     images = val_images(data)[:4]
     printed = onnx_infer(path, *images, '--out-dir', tmp_path / 'onnx')
     counts = [int(line.split(': ')[1].split()[0]) for line in printed.splitlines()
               if ' detections scoring >= 0.3 -> ' in line]  # '<image>: N detections ...'
-    exportable, info = demo_exportable(data, checkpoint)
     detector = exportable.model.detector
     expected = [int((mmdet_predict(detector, x)['scores'] >= 0.3).sum())
                 for _, x, _ in preprocess_images(detector, info['cfg'], images)]

@@ -1,9 +1,10 @@
-"""tests/interpreter.py runs ``python ARGS`` as a new interpreter would, with the same
-``sys.path``: not the test process's, to which pytest adds the folder above the repository
-root (it has an ``__init__.py``), where ``import mmmetaformer`` finds a clone named
-mmmetaformer instead of the package."""
+"""tests/interpreter.py runs ``python ARGS`` as a new interpreter would: with the same
+``sys.path`` (not the test process's, to which pytest adds the folder above the repository
+root: it has an ``__init__.py``, and ``import mmmetaformer`` would find a clone named
+mmmetaformer instead of the package), output and exit status; a timeout kills it."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,28 @@ def test_child_has_the_path_of_a_new_interpreter(script, tmp_path):
                          text=True, timeout=300)
     assert child.returncode == new.returncode == 0, child.stderr + new.stderr
     assert json.loads(child.stdout) == json.loads(new.stdout)
+
+
+@pytest.mark.slow  # a child interpreter
+@pytest.mark.parametrize('code', [
+    'print("out"); import sys; print("err", file=sys.stderr)',
+    'import sys; sys.exit("error: bye")',
+    'import sys; sys.exit(3)',
+    'raise ValueError("bad")',
+    'import os, signal; os.kill(os.getpid(), signal.SIGKILL)'],
+    ids=['output', 'exit-message', 'exit-status', 'exception', 'killed'])
+def test_child_ends_as_a_new_interpreter(code):
+    child = interpreter.run(['-c', code], timeout=300)
+    new = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         timeout=300)
+    assert (child.returncode, child.stdout) == (new.returncode, new.stdout)
+    assert child.stderr.splitlines()[-1:] == new.stderr.splitlines()[-1:]
+
+
+@pytest.mark.slow  # a child interpreter
+def test_timeout_kills_the_child():
+    child = interpreter.start(['-c', 'import time; time.sleep(600)'])
+    assert child.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        child.wait(timeout=1)
+    assert child.returncode == -signal.SIGKILL and child.poll() == -signal.SIGKILL
