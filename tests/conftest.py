@@ -16,11 +16,14 @@ def pytest_configure(config):
     if not (config.getoption('numprocesses', None) and not hasattr(config, 'workerinput')):
         import mmmetaformer  # noqa: F401
 
-# The files that take longest, first: `make test` hands whole files to its processes in collection
-# order (pytest-xdist --dist loadfile --no-loadscope-reorder), so a long file
-# collected last would run alone at the end.
-LONGEST_FIRST = ['test_deploy_detector.py', 'test_tools_e2e.py', 'test_mim.py',
-                 'test_launchers.py', 'test_benchmark.py', 'test_tools_cli.py']
+# The files that take longest, first (by their CPU time in a profile of the suite): `make test`
+# hands whole files to its processes in collection order (pytest-xdist --dist loadfile
+# --no-loadscope-reorder), so a long file collected last would run alone at the end.
+LONGEST_FIRST = ['test_deploy_detector.py', 'test_mim.py', 'test_tools_e2e.py',
+                 'test_launchers.py', 'test_fidelity.py', 'test_configs.py', 'test_benchmark.py',
+                 'test_tools_cli.py', 'test_compile.py', 'test_readme_snippets.py',
+                 'test_export_onnx.py', 'test_classification.py', 'test_checkpoints.py',
+                 'test_dense_checkpoints.py', 'test_amp.py']
 
 
 def pytest_collection_modifyitems(items):
