@@ -13,10 +13,10 @@ ONEDL_TESTS := tests/test_backbone.py tests/test_checkpoints.py tests/test_trust
 env:
 	VENV=$(VENV) bash tools/setup_env.sh --stack $(STACK)
 
-# four pytest processes of one thread each: many tests wait on the tools and launchers they
+# three pytest processes of one thread each: many tests wait on the tools and launchers they
 # run, and on 2 cores the other processes fill those waits (docs/README.md)
 test: env
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 4 --dist loadfile --no-loadscope-reorder
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder
 
 # the unit tests, for edit loops: what is not marked slow (setup.cfg)
 test-quick: env

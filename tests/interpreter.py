@@ -150,6 +150,9 @@ def serve(folder: Path):
     :func:`_run`'s arguments), fork a child that runs it, send its pid, and its exit status
     (as Popen's ``returncode``) when it ends. Ends with the process that made ``folder``, or
     on SIGTERM, killing its children."""
+    # Ctrl-C raises KeyboardInterrupt in the children, as in an interpreter started from a
+    # terminal, also where the test run was started in the background (SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for name in PRELOAD:
         importlib.import_module(name)
     owner = int((folder / 'owner').read_text())
