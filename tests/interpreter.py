@@ -115,17 +115,18 @@ def _site_path() -> list:
 
 
 def _run(args, cwd, env, rlimits, site_path, stdout, stderr):
-    """The child: ``python ARGS`` in this preloaded interpreter."""
-    for name, limits in rlimits.items():
-        resource.setrlimit(getattr(resource, name), limits)
-    for fd, path in ((1, stdout), (2, stderr)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
-    paths = [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]
+    """The child: ``python ARGS`` in this preloaded interpreter. It never returns to the
+    server's loop: an error in setting it up (a missing working directory) ends it alone."""
     status = 0
     try:
+        for name, limits in rlimits.items():
+            resource.setrlimit(getattr(resource, name), limits)
+        for fd, path in ((1, stdout), (2, stderr)):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        paths = [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]
         if args[0] == '-c':
             sys.argv = ['-c', *args[2:]]
             sys.path[:] = ['', *paths, *site_path]
@@ -146,10 +147,10 @@ def _run(args, cwd, env, rlimits, site_path, stdout, stderr):
 
 
 def serve(folder: Path):
-    """Import the stack, then for each connection: read a request (one JSON line of
-    :func:`_run`'s arguments), fork a child that runs it, send its pid, and its exit status
-    (as Popen's ``returncode``) when it ends. Ends with the process that made ``folder``, or
-    on SIGTERM, killing its children."""
+    """Import the stack, then for each connection: read a request (:func:`_run`'s arguments
+    as JSON, up to the end the client writes), fork a child that runs it, send its pid, and
+    its exit status (as Popen's ``returncode``) when it ends. Ends with the process that made
+    ``folder``, or on SIGTERM, killing its children."""
     # Ctrl-C raises KeyboardInterrupt in the children, as in an interpreter started from a
     # terminal, also where the test run was started in the background (SIGINT ignored)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -240,8 +241,9 @@ class Started:
         return int(line)
 
     def poll(self):
-        return self.returncode if self.returncode is not None else \
+        if self.returncode is None:
             self._finish(self._read_line(0))
+        return self.returncode
 
     def kill(self):
         if self.returncode is None:

@@ -55,3 +55,14 @@ def test_timeout_kills_the_child():
     with pytest.raises(subprocess.TimeoutExpired):
         child.wait(timeout=1)
     assert child.returncode == -signal.SIGKILL and child.poll() == -signal.SIGKILL
+
+
+@pytest.mark.slow  # child interpreters
+def test_a_child_that_cannot_start_fails_alone(tmp_path):
+    """A working directory that does not exist: that child exits 1 and names the error; the
+    server and the children it runs go on."""
+    running = interpreter.start(['-c', 'import time; time.sleep(3); print("done")'])
+    failed = interpreter.run(['-c', 'pass'], cwd=tmp_path / 'missing', timeout=300)
+    assert failed.returncode == 1 and 'FileNotFoundError' in failed.stderr, failed.stderr
+    assert running.wait(timeout=300) == 0 and running.stdout == 'done\n'
+    assert interpreter.run(['-c', 'print(1)'], timeout=300).stdout == '1\n'
