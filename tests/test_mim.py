@@ -148,8 +148,9 @@ def test_train_and_test(checkout, tmp_path):
     (tmp_path / 'configs').symlink_to(ROOT / 'configs')
     write_coco_demo(str(tmp_path / 'data' / 'demo' / 'coco'), num_train=4, num_val=2)
     tools = checkout[0] / 'tools'
+    # one epoch without its validation: `mim test` evaluates the checkpoint
     train = mim(checkout, 'train', 'mmmetaformer', DEMO, '--cfg-options',
-                'train_cfg.max_epochs=1', cwd=tmp_path)
+                'train_cfg.max_epochs=1', 'train_cfg.val_begin=2', cwd=tmp_path)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert f' {tools / "train.py"} {DEMO} --launcher none ' in train.stdout
     assert 'Training finished successfully' in train.stdout
