@@ -32,12 +32,14 @@ def smallest_of_each_recipe_and_family():
     return [min(paths, key=lambda p: SIZE_ORDER.index(ZOO[p][2])) for paths in groups.values()]
 
 
+SMALLEST = smallest_of_each_recipe_and_family()
+
 # built and run: the smallest model of each recipe and family, the headline config and the
 # demos (the ImageNet demo: tests/test_tools_demo.py). The other sizes differ in the backbone
 # arch and the widths the neck or heads read, which test_zoo_config_recipe checks against the
 # arch table for every config, and test_fidelity builds every arch.
 BUILT = sorted([
-    *smallest_of_each_recipe_and_family(),
+    *SMALLEST,
     'caformer_s18_maskrcnn.py',
     *(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / 'demo').glob('*.py')
       if 'imagenet' not in p.name)])
@@ -78,7 +80,10 @@ def test_generated_configs_match_generator():
     assert len(GENERATED) == 100
 
 
-@pytest.mark.parametrize('name', sorted(ZOO))
+# in `make test-quick` the smallest model of each recipe and family: a config parses in about
+# 0.4 s, most of it mmengine reading mmdet's or mmseg's model index for its `mmdet::` base
+@pytest.mark.parametrize('name', [
+    pytest.param(name, marks=() if name in SMALLEST else pytest.mark.slow) for name in sorted(ZOO)])
 def test_zoo_config_recipe(name):
     cfg = load(name)
     recipe, family, size = ZOO[name]
