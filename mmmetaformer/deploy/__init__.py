@@ -257,21 +257,24 @@ class Exportable(nn.Module):
         scores, deltas = self.model(inputs, mode='tensor')
         return (*scores, *deltas)
 
-    def output_names(self, num_outputs: int):
+    def output_names(self, inputs: torch.Tensor):
         """``feat{i}`` (backbone stage i, stride 4 * 2**i), ``fpn{i}`` (neck level i),
         ``logits``, ``seg_logits``, ``cls_score{i}`` then ``bbox_pred{i}`` (head level i), or
-        ``dets``, ``labels`` and ``masks`` (mmdeploy's names)."""
+        ``dets``, ``labels`` and ``masks`` (mmdeploy's names). A neck's and a dense head's
+        levels are counted on a forward of ``inputs``."""
         if self.part == 'detector':
             return self.model.output_names()
         if self.part == 'classifier':
             return ['logits']
         if self.part == 'segmentor':
             return ['seg_logits']
+        if self.part == 'backbone':
+            return [f'feat{i}' for i in self.model.out_indices]
+        with torch.no_grad():
+            num_outputs = len(self(inputs))
         if self.part == 'dense_head':
             levels = range(num_outputs // 2)
             return [f'cls_score{i}' for i in levels] + [f'bbox_pred{i}' for i in levels]
-        if self.part == 'backbone':
-            return [f'feat{i}' for i in self.model.out_indices]
         return [f'fpn{i}' for i in range(num_outputs)]
 
 
@@ -409,8 +412,7 @@ def export_onnx(exportable: Exportable, out: str, shape=(224, 224), dynamic: boo
         groupnorm = 'reducemean'  # LayerNormalization is an opset-17 op
     model = export_forms(exportable, groupnorm, fold)
     x = torch.randn(1, 3, *shape)
-    with torch.no_grad():
-        names = exportable.output_names(len(model(x)))
+    names = model.output_names(x)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
