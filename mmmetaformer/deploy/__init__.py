@@ -12,6 +12,7 @@ import io
 import json
 import os
 import statistics
+import sys
 import time
 import warnings
 from typing import Optional, Sequence
@@ -191,10 +192,10 @@ def export_forms(model: nn.Module, groupnorm: str = 'layernorm',
     if groupnorm not in GROUPNORM_FORMS:
         raise ExportError(f'groupnorm form must be one of {GROUPNORM_FORMS}, got {groupnorm!r}')
     model = revert_sync_batchnorm(copy.deepcopy(model)).eval()
-    try:
-        from mmseg.models.utils import Upsample as SegUpsample
-    except ImportError:
-        SegUpsample = ()
+    # a model holding mmseg's Upsample has loaded its module: no mmseg import (seconds) for
+    # the other models
+    seg_utils = sys.modules.get('mmseg.models.utils')
+    SegUpsample = seg_utils.Upsample if seg_utils is not None else ()
 
     def swap(parent: nn.Module):
         for name, child in parent.named_children():
