@@ -182,7 +182,7 @@ def test_gpu_check_skips_without_gpu():
 def test_detector_pair_predicts_the_same():
     """In ``--task maskrcnn`` both models do the same work: the same detections from the same
     image. (timm's features come in channels_last strides, which mmcv's CPU RoIAlign misreads:
-    uncorrected, the peer found no objects where ours found 59.)"""
+    uncorrected, the peer found no objects where ours found dozens.)"""
     import argparse
     import copy
     import benchmark as tool

@@ -81,7 +81,8 @@ def test_generated_configs_match_generator():
 
 
 # in `make test-quick` the smallest model of each recipe and family: a config parses in about
-# 0.4 s, most of it mmengine reading mmdet's or mmseg's model index for its `mmdet::` base
+# 0.4 s, most of it mmengine reading mmdet's or mmseg's model index for its `mmdet::` or
+# `mmseg::` base
 @pytest.mark.parametrize('name', [
     pytest.param(name, marks=() if name in SMALLEST else pytest.mark.slow) for name in sorted(ZOO)])
 def test_zoo_config_recipe(name):
