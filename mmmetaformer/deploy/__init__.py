@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
